@@ -1,0 +1,1 @@
+"""infer: model packages, DICOM-aware preprocessing and batched CNN inference."""

@@ -1,0 +1,47 @@
+"""What inference produces: typed values handed from ``infer`` to ``report`` and the job log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """The model's output for one image (one frame of a multi-frame image).
+
+    ``heatmap`` is a float32 array in [0, 1] at the model's input resolution, for the
+    predicted positive class (Grad-CAM), or ``None`` when none was computed.
+    """
+
+    sop_instance_uid: str
+    frame_number: int | None
+    probabilities: dict[str, float]
+    label: str
+    heatmap: npt.NDArray[np.float32] | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class SeriesPrediction:
+    """The model's answer for a series: the aggregated label and probability.
+
+    ``probability`` is the aggregated probability of the card's positive label
+    (``positive_label``); ``positive`` is whether it reached the card's threshold; ``label``
+    is the name of the resulting label.
+    """
+
+    model: str
+    model_version: str
+    positive_label: str
+    label: str
+    probability: float
+    positive: bool
+    probabilities: dict[str, float]
+    images: tuple[ImagePrediction, ...]
+
+    @property
+    def key_image(self) -> ImagePrediction:
+        """The image with the highest positive-label probability (the one to show)."""
+        return max(self.images, key=lambda image: image.probabilities[self.positive_label])

@@ -1,0 +1,1 @@
+"""report: pure functions from (source datasets, prediction) to DICOM result objects."""
