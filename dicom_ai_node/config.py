@@ -1,0 +1,258 @@
+"""Typed settings of a node, loaded from ``config/node.toml`` and the environment.
+
+The file is found from ``--config``, else ``DICOM_AI_NODE_CONFIG``, else ``config/node.toml``
+in the working directory if it exists; without any file the embedded defaults apply (SQLite and
+the spool under ``var/``, the bundled demo models). Every setting can be overridden by an
+environment variable ``DICOM_AI_NODE_<SECTION>__<KEY>`` (for example
+``DICOM_AI_NODE_DICOM__PORT=11113``); lists and tables take JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "DICOM_AI_NODE_CONFIG"
+DEFAULT_CONFIG = Path("config/node.toml")
+
+# PS3.5 Section 6.2, VR "AE": up to 16 characters, no backslash or control characters.
+_AE_TITLE = r"^[ -\[\]-~]{1,16}$"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DicomSettings(_Section):
+    """The DICOM listener (the SCP that a PACS sends to)."""
+
+    ae_title: str = Field(default="AINODE", pattern=_AE_TITLE)
+    bind: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=0, le=65535)
+    allowed_calling_aets: list[str] = Field(
+        default=[], description="Calling AE titles allowed to associate; empty = any"
+    )
+    maximum_associations: int = Field(default=10, ge=1)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=30.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+    maximum_pdu_size: int = Field(default=0, ge=0, description="0 = unlimited")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("an AE title cannot be blank")
+        return value.strip()
+
+
+class StorageSettings(_Section):
+    """Where received instances, results and (by default) the job log live."""
+
+    data_dir: Path = Path("var")
+    min_free_mb: int = Field(
+        default=500, ge=0, description="Refuse new instances (0xA700) below this free space"
+    )
+
+
+class DatabaseSettings(_Section):
+    """The job log. Empty ``url`` means SQLite at ``<data_dir>/jobs.sqlite``."""
+
+    url: str = ""
+    busy_timeout_ms: int = Field(default=30000, ge=0)
+
+
+class HttpSettings(_Section):
+    """The HTTP API and dashboard."""
+
+    bind: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    token: str = ""
+
+
+class AssembleSettings(_Section):
+    """When a series counts as complete: released association and quiet for this long."""
+
+    stable_seconds: float = Field(default=10.0, ge=0)
+    poll_seconds: float = Field(default=0.5, gt=0)
+
+
+class WorkerSettings(_Section):
+    """The job worker: leases let another worker take over a job whose worker died."""
+
+    lease_seconds: float = Field(default=60.0, gt=0)
+    poll_seconds: float = Field(default=0.5, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class DestinationSettings(_Section):
+    """A DICOM peer that receives results by C-STORE."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    ae_title: str = Field(pattern=_AE_TITLE)
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class RouteSettings(_Section):
+    """A rule: series whose attributes match ``where`` go to ``model``.
+
+    ``where`` maps a DICOM keyword (or ``CallingAETitle``) to a list of accepted values
+    (case-insensitive) or to a string; a string ``/.../`` is a regular expression.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    model: str
+    where: dict[str, list[str] | str] = {}
+    level: Literal["series", "study"] = "series"
+    outputs: list[Literal["sr", "sc", "kos"]] = ["sr", "sc"]
+    destinations: list[str] = []
+    priority: int = Field(default=0, description="Higher runs first")
+
+    @field_validator("where")
+    @classmethod
+    def _check_where(cls, where: dict[str, list[str] | str]) -> dict[str, list[str] | str]:
+        from pydicom.datadict import tag_for_keyword
+
+        for key, accepted in where.items():
+            if key != "CallingAETitle" and tag_for_keyword(key) is None:
+                raise ValueError(f"{key!r} is not a DICOM keyword")
+            for value in [accepted] if isinstance(accepted, str) else accepted:
+                if len(value) > 1 and value.startswith("/") and value.endswith("/"):
+                    try:
+                        re.compile(value[1:-1])
+                    except re.error as exc:
+                        raise ValueError(
+                            f"{key}: bad regular expression {value!r}: {exc}"
+                        ) from None
+        return where
+
+
+class ModelsSettings(_Section):
+    """Where model packages are found besides the bundled ones."""
+
+    dirs: list[Path] = []
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_lines: bool = False
+
+
+class Settings(BaseSettings):
+    """All settings of a node."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DICOM_AI_NODE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    node_name: str = Field(default_factory=lambda: os.uname().nodename)
+    dicom: DicomSettings = DicomSettings()
+    storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    http: HttpSettings = HttpSettings()
+    assemble: AssembleSettings = AssembleSettings()
+    worker: WorkerSettings = WorkerSettings()
+    models: ModelsSettings = ModelsSettings()
+    logging: LoggingSettings = LoggingSettings()
+    destinations: list[DestinationSettings] = []
+    routes: list[RouteSettings] = []
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"destinations: duplicate name {name!r}")
+        route_names = [r.name for r in self.routes]
+        for i, route in enumerate(self.routes):
+            if route.name in route_names[:i]:
+                raise ValueError(f"routes[{i}].name: duplicate route name {route.name!r}")
+            for dest in route.destinations:
+                if dest not in names and dest != "outbox":
+                    raise ValueError(
+                        f"routes[{i}].destinations: unknown destination {dest!r} "
+                        f"(known: {', '.join([*names, 'outbox'])})"
+                    )
+        return self
+
+    @property
+    def database_url(self) -> str:
+        """The job log's SQLAlchemy URL."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{(self.storage.data_dir / 'jobs.sqlite').resolve()}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first, so that any key of the file can be overridden by it.
+        return env_settings, init_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown setting"
+        lines.append(f"{key}: {message}")
+    return "; ".join(lines)
+
+
+def config_path(explicit: Path | None) -> Path | None:
+    """The configuration file to read: ``--config``, the environment, or the default."""
+    if explicit is not None:
+        return explicit
+    if env := os.environ.get(CONFIG_ENV):
+        return Path(env)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Load settings from ``path`` (see :func:`config_path`) and the environment.
+
+    Raises :class:`ConfigError` with one message naming the key on any problem.
+    """
+    resolved = config_path(path)
+    if resolved is not None:
+        if not resolved.is_file():
+            raise ConfigError(f"configuration file {resolved} does not exist")
+        try:
+            with resolved.open("rb") as f:
+                tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{resolved}: not valid TOML: {exc}") from None
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=resolved)
+
+    try:
+        return FileSettings(**overrides)
+    except ValidationError as exc:
+        where = f"{resolved}: " if resolved else ""
+        raise ConfigError(f"{where}{_describe(exc)}") from None

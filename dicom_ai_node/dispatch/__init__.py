@@ -1,0 +1,1 @@
+"""dispatch: sends results to the configured DICOM destinations, with retries."""

@@ -1,0 +1,1 @@
+"""jobs: the spine. Engine setup, tables, queue operations and migrations of the job log."""

@@ -1,0 +1,68 @@
+"""Engine setup and schema migrations for the job log.
+
+SQLite (the default) runs in WAL mode so readers never block the writer, with a busy
+timeout, and every transaction starts with ``BEGIN IMMEDIATE``: a deferred transaction that
+reads and then writes fails at once with "database is locked" when another writer got in
+between, whatever the timeout, while an immediate one waits its turn. PostgreSQL needs none
+of this. The schema is managed by Alembic and upgraded at startup.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def create_db_engine(url: str, busy_timeout_ms: int = 30000) -> Engine:
+    """An engine for ``url``; for SQLite, creates the parent folder and sets the pragmas."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True, future=True)
+    database = url.split("///", 1)[1] if "///" in url else ""
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        # Autocommit at the driver level: SQLAlchemy's "begin" event below issues the BEGIN.
+        connect_args={"isolation_level": None, "check_same_thread": False, "timeout": 30},
+        pool_size=20,
+        max_overflow=20,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a crash of the process (kill -9); only a
+        # power loss can drop the last commits, and the spool's fsynced files are then
+        # re-indexed at startup (spool.reconcile), so no acknowledged instance is lost.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the schema to the newest migration (idempotent)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that keep loaded values usable after commit (rows are passed between stages)."""
+    return sessionmaker(engine, expire_on_commit=False)

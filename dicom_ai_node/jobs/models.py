@@ -1,0 +1,245 @@
+"""The job log's tables: what arrived, how it was grouped, what was done with it.
+
+``studies`` / ``series`` / ``instances`` index the spool; ``associations`` records each DICOM
+association (a series is complete only once the associations that brought it are released);
+``jobs`` is the queue; ``predictions``, ``results`` and ``deliveries`` are what the later
+stages record; ``events`` is an append-only history of everything, for operators.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (all timestamps in the log are UTC)."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as naive UTC and read back timezone-aware (SQLite keeps no zone)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the job log; use utcnow()")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON,
+        list[str]: JSON,
+    }
+
+
+class SeriesState(StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DELIVERING = "delivering"
+    DONE = "done"
+    FAILED = "failed"
+    FAILED_TO_DELIVER = "failed_to_deliver"
+    SKIPPED = "skipped"
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    accession_number: Mapped[str] = mapped_column(String(64), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    # Jobs are per study for routes with level = "study"; ``generation`` counts re-openings.
+    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    series_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(
+        ForeignKey("studies.study_instance_uid"), index=True
+    )
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    # The attributes routes look at, from the first instance of the series.
+    attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (Index("ix_series_state_last", "state", "last_received_at"),)
+
+
+class Association(Base):
+    __tablename__ = "associations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    node_name: Mapped[str] = mapped_column(String(64))
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    called_ae_title: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    outcome: Mapped[str] = mapped_column(String(16), default="open")
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(
+        ForeignKey("series.series_instance_uid"), index=True
+    )
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer, default=None)
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)
+    association_id: Mapped[str | None] = mapped_column(
+        ForeignKey("associations.id"), default=None, index=True
+    )
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The series generation this instance arrived in (a late instance belongs to a new one).
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    level: Mapped[str] = mapped_column(String(8), default="series")
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    route: Mapped[str | None] = mapped_column(String(64), default=None)
+    model: Mapped[str | None] = mapped_column(String(64), default=None)
+    model_version: Mapped[str | None] = mapped_column(String(32), default=None)
+    outputs: Mapped[list[str]] = mapped_column(default=list)
+    destinations: Mapped[list[str]] = mapped_column(default=list)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(20), default=JobState.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    label: Mapped[str | None] = mapped_column(String(64), default=None)
+    probability: Mapped[float | None] = mapped_column(Float, default=None)
+    positive: Mapped[bool | None] = mapped_column(default=None)
+
+    __table_args__ = (Index("ix_jobs_claim", "state", "priority", "created_at"),)
+
+
+class Prediction(Base):
+    """One image's (or frame's) model output for a job."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    frame_number: Mapped[int | None] = mapped_column(Integer, default=None)
+    label: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    probabilities: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Result(Base):
+    """A DICOM object the node produced for a job, written to the outbox before sending."""
+
+    __tablename__ = "results"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Delivery(Base):
+    """Sending one result to one destination, with its retry state."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    result_uid: Mapped[str] = mapped_column(ForeignKey("results.sop_instance_uid"))
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_status: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (Index("ix_deliveries_due", "state", "next_attempt_at"),)
+
+
+class Event(Base):
+    """An append-only record of something that happened (never updated or deleted)."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    association_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    message: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)

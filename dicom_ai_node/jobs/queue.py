@@ -1,0 +1,256 @@
+"""The job queue: enqueue, claim with a lease, renew, finish, recover, retry.
+
+A worker claims the most urgent queued job (priority, then age) with one UPDATE whose
+sub-select carries ``FOR UPDATE SKIP LOCKED``: on PostgreSQL several workers on several hosts
+skip each other's rows; on SQLite the clause renders as nothing and ``BEGIN IMMEDIATE``
+serialises writers instead. A claimed job holds a lease that its worker renews; a job whose
+lease ran out (its worker died) can be claimed again, until it has used ``max_attempts``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from dicom_ai_node.jobs.models import Job, JobState, utcnow
+from dicom_ai_node.jobs.store import add_event
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job to queue: which data, which route and model, where the results go."""
+
+    level: str
+    study_instance_uid: str
+    series_instance_uid: str | None
+    generation: int
+    modality: str
+    route: str
+    model: str
+    outputs: tuple[str, ...]
+    destinations: tuple[str, ...]
+    priority: int
+
+
+def worker_id(node_name: str | None = None) -> str:
+    """An id naming this process, for leases: ``<node>:<pid>``."""
+    return f"{node_name or socket.gethostname()}:{os.getpid()}"
+
+
+def enqueue(session: Session, specs: Iterable[JobSpec]) -> list[Job]:
+    """Queue one job per spec (in the caller's transaction)."""
+    jobs = []
+    for spec in specs:
+        job = Job(
+            level=spec.level,
+            study_instance_uid=spec.study_instance_uid,
+            series_instance_uid=spec.series_instance_uid,
+            generation=spec.generation,
+            modality=spec.modality,
+            route=spec.route,
+            model=spec.model,
+            outputs=list(spec.outputs),
+            destinations=list(spec.destinations),
+            priority=spec.priority,
+        )
+        session.add(job)
+        session.flush()
+        add_event(
+            session,
+            "job_queued",
+            f"job {job.id} queued: route {spec.route}, model {spec.model}, "
+            f"priority {spec.priority}",
+            job_id=job.id,
+            study=spec.study_instance_uid,
+            series=spec.series_instance_uid,
+        )
+        jobs.append(job)
+    return jobs
+
+
+def record_skipped(
+    session: Session,
+    study: str,
+    series: str,
+    generation: int,
+    modality: str,
+    reason: str,
+) -> Job:
+    """Record a series that no route wanted, as a job in state ``skipped`` with the reason."""
+    now = utcnow()
+    job = Job(
+        study_instance_uid=study,
+        series_instance_uid=series,
+        generation=generation,
+        modality=modality,
+        state=JobState.SKIPPED.value,
+        error=reason,
+        finished_at=now,
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, "series_skipped", reason, job_id=job.id, study=study, series=series)
+    return job
+
+
+def claim(
+    session: Session,
+    owner: str,
+    lease_seconds: float,
+    max_attempts: int,
+    now: datetime | None = None,
+) -> Job | None:
+    """Claim the next job for ``owner`` and mark it running; ``None`` when there is none.
+
+    Takes queued jobs and running jobs whose lease has expired, most urgent first.
+    """
+    now = now or utcnow()
+    claimable = or_(
+        Job.state == JobState.QUEUED.value,
+        and_(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now),
+    )
+    next_id = (
+        select(Job.id)
+        .where(claimable, Job.attempts < max_attempts)
+        .order_by(Job.priority.desc(), Job.created_at, Job.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == next_id)
+        .values(
+            state=JobState.RUNNING.value,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=Job.attempts + 1,
+            started_at=now,
+            updated_at=now,
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if claimed is None:
+        return None
+    job = session.get(Job, claimed, populate_existing=True)
+    assert job is not None
+    add_event(
+        session,
+        "job_running",
+        f"job {job.id} claimed by {owner} (attempt {job.attempts})",
+        job_id=job.id,
+        study=job.study_instance_uid,
+        series=job.series_instance_uid,
+    )
+    return job
+
+
+def renew(session: Session, job_id: int, owner: str, lease_seconds: float) -> bool:
+    """Extend a lease; ``False`` if the job is no longer ours (lease lost to another)."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING.value)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def transition(
+    session: Session,
+    job_id: int,
+    state: JobState,
+    message: str,
+    *,
+    owner: str | None = None,
+    **fields: object,
+) -> bool:
+    """Move a job to ``state`` and log it; with ``owner``, only if we still hold its lease."""
+    now = utcnow()
+    condition = [Job.id == job_id]
+    if owner is not None:
+        condition += [Job.lease_owner == owner, Job.state == JobState.RUNNING.value]
+    values: dict[str, object] = {"state": state.value, "updated_at": now, **fields}
+    if state in (JobState.DONE, JobState.FAILED, JobState.FAILED_TO_DELIVER):
+        values["finished_at"] = now
+    if state != JobState.RUNNING:
+        values["lease_owner"] = None
+        values["lease_expires_at"] = None
+    result = session.execute(
+        update(Job).where(*condition).values(**values).execution_options(synchronize_session=False)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        return False
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    add_event(
+        session,
+        f"job_{state.value}",
+        message,
+        job_id=job_id,
+        study=job.study_instance_uid,
+        series=job.series_instance_uid,
+    )
+    return True
+
+
+def recover(session: Session, node_name: str, max_attempts: int) -> list[int]:
+    """At startup: put back the jobs this node was running when it stopped.
+
+    Jobs that used all their attempts are failed instead (a job that kills the process
+    each time must not loop forever).
+    """
+    running = session.scalars(
+        select(Job).where(
+            Job.state == JobState.RUNNING.value, Job.lease_owner.like(f"{node_name}:%")
+        )
+    ).all()
+    for job in running:
+        if job.attempts >= max_attempts:
+            transition(
+                session,
+                job.id,
+                JobState.FAILED,
+                f"job {job.id} failed: its worker stopped during all {job.attempts} attempts",
+                error="worker stopped during every attempt",
+            )
+        else:
+            transition(
+                session,
+                job.id,
+                JobState.QUEUED,
+                f"job {job.id} returned to the queue: its worker ({job.lease_owner}) stopped",
+            )
+    return [job.id for job in running]
+
+
+def retry(session: Session, job_id: int) -> Job:
+    """Queue a finished or failed job again (operator action), with fresh attempts.
+
+    Raises ``LookupError`` for an unknown id and ``ValueError`` for a job that is queued or
+    running already.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        raise LookupError(f"no job {job_id}")
+    if job.state in (JobState.QUEUED.value, JobState.RUNNING.value):
+        raise ValueError(f"job {job_id} is {job.state} already")
+    if job.state == JobState.SKIPPED.value:
+        raise ValueError(f"job {job_id} was skipped (no route matched); nothing to retry")
+    transition(
+        session,
+        job_id,
+        JobState.QUEUED,
+        f"job {job_id} queued again by an operator",
+        attempts=0,
+        error=None,
+    )
+    session.refresh(job)
+    return job

@@ -1,0 +1,134 @@
+"""The worker loop: claim a job, run it with its lease kept alive, record the outcome.
+
+The work itself is a callable handed in by the node (inference and reporting), so this loop
+knows nothing of the stages it drives. A job that raises is queued again until it has used
+its attempts, then marked failed with the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_ai_node.jobs.models import Job, JobState
+from dicom_ai_node.jobs.queue import claim, renew, transition
+
+log = logging.getLogger(__name__)
+
+JobHandler = Callable[[Job], None]
+
+
+class LeaseLostError(RuntimeError):
+    """The job's lease went to another worker while this one was still running it."""
+
+
+class Worker:
+    """Runs queued jobs one at a time on a background thread."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        handler: JobHandler,
+        owner: str,
+        *,
+        lease_seconds: float,
+        max_attempts: int,
+        poll_seconds: float,
+    ) -> None:
+        self.sessions = sessions
+        self.handler = handler
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Look for work now rather than at the next poll (a job was just queued)."""
+        self._wake.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the job in hand (its lease lapses if it outlives ``timeout``)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:
+                log.exception("worker: job log unavailable; retrying")
+                worked = False
+            if not worked:
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()
+
+    def run_once(self) -> bool:
+        """Claim and run one job; ``False`` when the queue was empty."""
+        with self.sessions.begin() as session:
+            job = claim(session, self.owner, self.lease_seconds, self.max_attempts)
+        if job is None:
+            return False
+        log.info(
+            "job %d running: %s %s, route %s, model %s (attempt %d)",
+            job.id,
+            job.level,
+            job.series_instance_uid or job.study_instance_uid,
+            job.route,
+            job.model,
+            job.attempts,
+        )
+        beating = threading.Event()
+        heartbeat = threading.Thread(
+            target=self._heartbeat, args=(job.id, beating), name=f"lease-{job.id}", daemon=True
+        )
+        heartbeat.start()
+        try:
+            self.handler(job)
+        except Exception as exc:
+            beating.set()
+            heartbeat.join()
+            self._failed(job, exc)
+        else:
+            beating.set()
+            heartbeat.join()
+        return True
+
+    def _heartbeat(self, job_id: int, done: threading.Event) -> None:
+        while not done.wait(self.lease_seconds / 3):
+            try:
+                with self.sessions.begin() as session:
+                    if not renew(session, job_id, self.owner, self.lease_seconds):
+                        log.warning("job %d: lease lost to another worker", job_id)
+                        return
+            except Exception:
+                log.exception("job %d: cannot renew the lease", job_id)
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        last = job.attempts >= self.max_attempts
+        state = JobState.FAILED if last else JobState.QUEUED
+        if last:
+            log.error("job %d failed after %d attempts: %s", job.id, job.attempts, error)
+        else:
+            log.warning("job %d attempt %d failed, will retry: %s", job.id, job.attempts, error)
+        with self.sessions.begin() as session:
+            transition(
+                session,
+                job.id,
+                state,
+                f"job {job.id} attempt {job.attempts} failed: {error}",
+                owner=self.owner,
+                error=error[:2000],
+            )

@@ -1,0 +1,302 @@
+"""The Storage SCP (PS3.4 Annex B) and Verification SCP (PS3.4 Annex A).
+
+The C-STORE handler runs on the association's own thread and only does I/O: it writes the
+data set as received to the spool (fsynced) and commits its row, then answers success
+(0x0000). When it cannot, it answers a failure status from PS3.4 B.2.3 with an Error Comment
+saying why: 0xA700 (out of resources) when the disk or the job log fails or free space is
+below the floor, 0xA900 when the data set does not match the SOP Class of the request, and
+0xC000 (cannot understand) when the data set cannot be parsed or lacks valid UIDs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    VerificationPresentationContexts,
+    evt,
+)
+from pynetdicom.association import Association as PynetdicomAssociation
+from pynetdicom.dimse_primitives import C_STORE
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_ai_node.config import DicomSettings
+from dicom_ai_node.receive.header import UnreadableInstanceError, read_header
+from dicom_ai_node.receive.record import close_association, open_association, record_instance
+from dicom_ai_node.spool import InvalidUIDError, Spool
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_SOP_CLASS_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+_UNCOMPRESSED = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+)
+# The acceptor picks the first of its own transfer syntaxes that the requestor proposed
+# (PS3.8 Section 9.3.3.2 leaves the choice to the acceptor): compressed ones first, so a
+# sender never has to decompress for us and the stored file is what it had.
+PREFERRED_TRANSFER_SYNTAXES = [
+    ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _UNCOMPRESSED
+] + list(_UNCOMPRESSED)
+
+
+@dataclass
+class _AssociationInfo:
+    id: str
+    calling_ae_title: str
+    peer: str
+    started: float
+    stored: int = 0
+    failed: int = 0
+
+
+def _status(code: int, comment: str) -> Dataset:
+    """A C-STORE response status with an Error Comment (0000,0902), at most 64 characters."""
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]
+    return status
+
+
+class StorageSCP:
+    """The node's listener: accepts associations and stores what they send.
+
+    ``on_stored`` is called after each stored instance (for metrics); ``min_free_bytes``
+    makes the handler refuse instances (0xA700) while the spool's disk is fuller than that.
+    """
+
+    def __init__(
+        self,
+        settings: DicomSettings,
+        spool: Spool,
+        sessions: sessionmaker[Session],
+        node_name: str,
+        *,
+        min_free_bytes: int = 0,
+        extra_keywords: tuple[str, ...] = (),
+        on_stored: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.sessions = sessions
+        self.node_name = node_name
+        self.min_free_bytes = min_free_bytes
+        self.extra_keywords = extra_keywords
+        self.on_stored = on_stored
+        self._associations: dict[int, _AssociationInfo] = {}
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.maximum_associations
+        ae.acse_timeout = s.acse_timeout
+        ae.dimse_timeout = s.dimse_timeout
+        ae.network_timeout = s.network_timeout
+        ae.maximum_pdu_size = s.maximum_pdu_size
+        ae.require_called_aet = True
+        if s.allowed_calling_aets:
+            ae.require_calling_aet = list(s.allowed_calling_aets)
+        for context in AllStoragePresentationContexts + VerificationPresentationContexts:
+            assert context.abstract_syntax is not None
+            ae.add_supported_context(context.abstract_syntax, PREFERRED_TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (useful when configured as 0)."""
+        if self._server is None:
+            raise RuntimeError("the SCP is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> None:
+        """Start listening in the background (returns at once)."""
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_ended, ["released"]),
+            (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
+            (evt.EVT_CONN_CLOSE, self._on_ended, ["closed"]),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        self._server = self.ae.start_server(
+            (self.settings.bind, self.settings.port), block=False, evt_handlers=handlers
+        )
+        log.info(
+            "DICOM listener %s on %s:%d",
+            self.settings.ae_title,
+            self.settings.bind,
+            self.port,
+        )
+
+    def stop(self, grace_seconds: float = 30.0) -> None:
+        """Stop accepting associations, let running ones finish (up to the grace), stop."""
+        if self._server is None:
+            return
+        server = self._server
+        server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            log.warning("aborting association still open at shutdown: %s", assoc.name)
+            assoc.abort()
+        self._server = None
+
+    # --- association bookkeeping -----------------------------------------------------------
+
+    def _info(self, assoc: PynetdicomAssociation) -> _AssociationInfo | None:
+        with self._lock:
+            return self._associations.get(id(assoc))
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        requestor = assoc.requestor
+        info = _AssociationInfo(
+            id=str(uuid.uuid4()),
+            calling_ae_title=requestor.ae_title,
+            peer=f"{requestor.address}:{requestor.port}",
+            started=time.monotonic(),
+        )
+        with self._lock:
+            self._associations[id(assoc)] = info
+        try:
+            with self.sessions.begin() as session:
+                open_association(
+                    session,
+                    info.id,
+                    self.node_name,
+                    info.calling_ae_title,
+                    assoc.acceptor.ae_title,
+                    info.peer,
+                )
+        except Exception:
+            log.exception("association %s: cannot record it in the job log", info.id)
+
+    def _on_ended(self, event: evt.Event, outcome: str) -> None:
+        with self._lock:
+            info = self._associations.pop(id(event.assoc), None)
+        if info is None:
+            return  # already recorded (a release is followed by a connection close)
+        try:
+            with self.sessions.begin() as session:
+                close_association(session, info.id, outcome)
+        except Exception:
+            log.exception("association %s: cannot record its end", info.id)
+        log.info(
+            "association %s from %s (%s) %s after %.1f s: %d stored, %d refused",
+            info.id[:8],
+            info.calling_ae_title,
+            info.peer,
+            outcome,
+            time.monotonic() - info.started,
+            info.stored,
+            info.failed,
+        )
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        log.warning(
+            "association from %s (%s:%s) rejected",
+            requestor.ae_title,
+            requestor.address,
+            requestor.port,
+        )
+
+    # --- DIMSE services --------------------------------------------------------------------
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        info = self._info(event.assoc)
+        status = self._store(event, info)
+        if info is not None:
+            if isinstance(status, int) and status == STATUS_SUCCESS:
+                info.stored += 1
+            else:
+                info.failed += 1
+        return status
+
+    def _store(self, event: evt.Event, info: _AssociationInfo | None) -> int | Dataset:
+        association_id = info.id if info else None
+        calling = info.calling_ae_title if info else ""
+        request = cast(C_STORE, event.request)
+        try:
+            encoded = event.encoded_dataset()
+            header = read_header(
+                encoded,
+                self.extra_keywords,
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+            )
+        except UnreadableInstanceError as exc:
+            log.warning("association %s: refused an instance: %s", association_id, exc)
+            return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
+        if header.sop_instance_uid != str(request.AffectedSOPInstanceUID).rstrip("\0 "):
+            reason = "SOP Instance UID differs from the request's Affected SOP Instance UID"
+            log.warning("association %s: refused %s: %s", association_id, header, reason)
+            return _status(STATUS_CANNOT_UNDERSTAND, reason)
+        if header.sop_class_uid != str(request.AffectedSOPClassUID).rstrip("\0 "):
+            reason = "SOP Class UID differs from the request's Affected SOP Class UID"
+            log.warning("association %s: refused an instance: %s", association_id, reason)
+            return _status(STATUS_SOP_CLASS_MISMATCH, reason)
+        if self.min_free_bytes and self.spool.free_bytes() < self.min_free_bytes:
+            log.error("spool disk below its free-space floor: refusing instances (0xA700)")
+            return _status(STATUS_OUT_OF_RESOURCES, "node storage is full")
+        try:
+            path = self.spool.instance_path(
+                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+            )
+        except InvalidUIDError as exc:
+            return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
+        replaces_file = path.exists()
+        try:
+            self.spool.write(path, encoded)
+        except OSError as exc:
+            log.error("association %s: cannot write %s: %s", association_id, path, exc)
+            return _status(STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}")
+        try:
+            with self.sessions.begin() as session:
+                recorded = record_instance(
+                    session, header, str(path), len(encoded), association_id, calling
+                )
+        except Exception as exc:
+            log.exception("association %s: cannot record an instance", association_id)
+            if not replaces_file:  # never delete an earlier copy that was acknowledged
+                self.spool.remove(path)
+            return _status(STATUS_OUT_OF_RESOURCES, f"job log unavailable: {type(exc).__name__}")
+        if recorded.old_path is not None:
+            self.spool.remove(Path(recorded.old_path))
+        if self.on_stored is not None:
+            self.on_stored(calling, len(encoded))
+        return STATUS_SUCCESS
