@@ -14,6 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
+import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -92,6 +93,10 @@ class ModelCard(_Strict):
     top_k: int = Field(default=3, gt=0)
     modalities: list[str] = []
     body_parts: list[str] = []
+    explain_layer: str | None = Field(
+        default=None,
+        description="Layer whose activations Grad-CAM uses; None means the last 4-D conv layer",
+    )
 
     @model_validator(mode="after")
     def _one_positive_label(self) -> ModelCard:
@@ -112,3 +117,7 @@ class ModelCard(_Strict):
         """Read and validate a ``model.toml``."""
         with path.open("rb") as f:
             return cls.model_validate(tomllib.load(f))
+
+    def dump(self, path: Path) -> None:
+        """Write this card as a ``model.toml`` (unset optional fields are left out)."""
+        path.write_bytes(tomli_w.dumps(self.model_dump(mode="json", exclude_none=True)).encode())

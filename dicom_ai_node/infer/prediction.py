@@ -29,7 +29,9 @@ class SeriesPrediction:
 
     ``probability`` is the aggregated probability of the card's positive label
     (``positive_label``); ``positive`` is whether it reached the card's threshold; ``label``
-    is the name of the resulting label.
+    is the name of the resulting label. ``skipped`` lists the instances (SOP Instance UID, or
+    the file name when the file could not even be parsed, with the reason) that could not be
+    used; ``images`` holds only the ones that were.
     """
 
     model: str
@@ -40,6 +42,7 @@ class SeriesPrediction:
     positive: bool
     probabilities: dict[str, float]
     images: tuple[ImagePrediction, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
 
     @property
     def key_image(self) -> ImagePrediction:

@@ -1,0 +1,410 @@
+"""The model runtime: load a model package once, check it, warm it up, run series in batches.
+
+TensorFlow is imported lazily (importing it costs ~1.5 s and much memory), so that importing
+``dicom_ai_node.infer`` stays cheap for the receiving node. Inference runs through one
+``tf.function`` per model on fixed-size batches (a partial last batch is zero-padded), so the
+graph is traced once at warm-up and never again; ``model.predict`` is built for large datasets
+and costs ~10x more per call. A series is streamed: files are decoded one batch at a time while
+the previous batch runs on TensorFlow's own threads, so memory stays bounded by the batch size
+whatever the number of images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import ValidationError
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from dicom_ai_node.infer.card import Aggregation, ModelCard
+from dicom_ai_node.infer.prediction import ImagePrediction, SeriesPrediction
+from dicom_ai_node.infer.preprocess import number_of_frames, to_model_input
+
+if TYPE_CHECKING:
+    import keras
+
+log = logging.getLogger(__name__)
+
+#: Where the model packages shipped with the node live.
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+#: Which images get a Grad-CAM heat map: only the key image, every image at or above the
+#: card's threshold (plus the key image), or every image.
+HeatmapPolicy = Literal["key", "positive", "all"]
+
+_tf_lock = threading.Lock()
+_tf_configured = False
+
+
+class ModelPackageError(Exception):
+    """A model package cannot be used: card missing or invalid, or card and weights disagree."""
+
+
+class NoUsableImagesError(ValueError):
+    """None of the files of a series could be decoded into a model input."""
+
+
+def configure_tensorflow(intra_op_threads: int = 0, inter_op_threads: int = 0) -> None:
+    """Silence TensorFlow's C++ logs and set its thread pools (0 = TensorFlow's default).
+
+    Thread settings only take effect before TensorFlow runs its first op, so the first call
+    wins; later calls are ignored. Called by :func:`load_models` with the defaults.
+    """
+    global _tf_configured
+    with _tf_lock:
+        if _tf_configured:
+            return
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+
+        tf.get_logger().setLevel(logging.ERROR)
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+        _tf_configured = True
+
+
+def find_packages(dirs: Sequence[Path]) -> list[Path]:
+    """Model package folders in ``dirs``: each dir is a package itself or holds packages."""
+    found: list[Path] = []
+    for directory in dirs:
+        if (directory / "model.toml").is_file():
+            found.append(directory)
+        elif directory.is_dir():
+            found.extend(sorted(p.parent for p in directory.glob("*/model.toml")))
+        else:
+            raise ModelPackageError(f"model directory {directory} does not exist")
+    return found
+
+
+def read_card(package: Path) -> ModelCard:
+    """The validated card of a package, or :class:`ModelPackageError` saying what is wrong."""
+    try:
+        return ModelCard.load(package / "model.toml")
+    except FileNotFoundError as exc:
+        raise ModelPackageError(f"model package {package}: no model.toml") from exc
+    except (ValidationError, ValueError) as exc:
+        raise ModelPackageError(f"model package {package}: invalid model.toml: {exc}") from exc
+
+
+def read_cards(extra_dirs: Sequence[Path] = ()) -> dict[str, tuple[Path, ModelCard]]:
+    """Cards of the bundled and extra packages by model name, without loading any weights.
+
+    A package in a later directory replaces an earlier one of the same name (so a deployment
+    can ship a newer version of a bundled model); the replacement is logged.
+    """
+    cards: dict[str, tuple[Path, ModelCard]] = {}
+    for package in find_packages([BUNDLED_MODELS_DIR, *extra_dirs]):
+        card = read_card(package)
+        if card.name in cards:
+            log.warning("model %s in %s replaces %s", card.name, package, cards[card.name][0])
+        cards[card.name] = (package, card)
+    return cards
+
+
+def load_models(
+    extra_dirs: Sequence[Path] = (),
+    *,
+    batch_size: int = 16,
+    heatmaps: HeatmapPolicy = "positive",
+) -> dict[str, LoadedModel]:
+    """Load, check and warm up every bundled and extra model package, by model name."""
+    return {
+        name: LoadedModel(package, card=card, batch_size=batch_size, heatmaps=heatmaps)
+        for name, (package, card) in read_cards(extra_dirs).items()
+    }
+
+
+@dataclass
+class _Pending:
+    """A batch handed to TensorFlow: where its images came from and its input array."""
+
+    sources: list[tuple[str, int | None]]
+    inputs: npt.NDArray[np.float32]
+    result: Future[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]]
+
+
+class LoadedModel:
+    """A model package in memory: card, Keras model and the compiled batch functions."""
+
+    def __init__(
+        self,
+        package: Path,
+        *,
+        card: ModelCard | None = None,
+        batch_size: int = 16,
+        heatmaps: HeatmapPolicy = "positive",
+    ) -> None:
+        configure_tensorflow()
+        import keras
+        import tensorflow as tf
+
+        self.package = package
+        self.card = card or read_card(package)
+        self.batch_size = batch_size
+        self.heatmaps: HeatmapPolicy = heatmaps
+        weights = package / "model.keras"
+        if not weights.is_file():
+            raise ModelPackageError(f"model package {self.card.name} ({package}): no model.keras")
+        try:
+            self.model: keras.Model = keras.models.load_model(weights, compile=False)
+        except Exception as exc:  # Keras raises many types for a corrupt file
+            raise ModelPackageError(
+                f"model package {self.card.name} ({package}): cannot load model.keras: {exc}"
+            ) from exc
+        self._check_card_matches_weights()
+        self._positive_index = next(i for i, label in enumerate(self.card.labels) if label.positive)
+        shape = (
+            batch_size,
+            self.card.input.height,
+            self.card.input.width,
+            self.card.input.channels,
+        )
+        spec = tf.TensorSpec(shape, tf.float32)
+        self._forward = tf.function(self._forward_fn, input_signature=[spec])
+        self._explain = tf.function(self._explain_fn(), input_signature=[spec])
+        self._empty = np.zeros(shape, dtype=np.float32)
+        self._forward(self._empty)  # warm up: trace both graphs once, now
+        self._explain(self._empty)
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def _check_card_matches_weights(self) -> None:
+        card, model = self.card, self.model
+        expected_in = (card.input.height, card.input.width, card.input.channels)
+        actual_in = tuple(model.input_shape[1:])
+        problems = []
+        if actual_in != expected_in:
+            problems.append(f"card input is {expected_in} but the weights take {actual_in}")
+        outputs = model.output_shape[-1]
+        if outputs != len(card.labels):
+            problems.append(
+                f"card has {len(card.labels)} labels but the weights have {outputs} outputs"
+            )
+        try:
+            self._explain_layer_name()
+        except ValueError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ModelPackageError(
+                f"model package {card.name} ({self.package}) does not match its weights: "
+                + "; ".join(problems)
+            )
+
+    def _explain_layer_name(self) -> str:
+        names = [layer.name for layer in self.model.layers]
+        if self.card.explain_layer is not None:
+            if self.card.explain_layer not in names:
+                raise ValueError(f"explain_layer {self.card.explain_layer!r} is not a layer")
+            return self.card.explain_layer
+        for layer in reversed(self.model.layers):
+            if len(layer.output.shape) == 4 and type(layer).__name__.startswith("Conv"):
+                return str(layer.name)
+        raise ValueError("the weights have no 2-D convolution layer for Grad-CAM")
+
+    # -- compiled functions --------------------------------------------------------------------
+
+    def _forward_fn(self, images: Any) -> Any:
+        return self.model(images, training=False)
+
+    def _explain_fn(self) -> Callable[[Any], Any]:
+        """Grad-CAM (Selvaraju et al. 2017) of the positive label, batched.
+
+        The class score is the pre-softmax logit when the last layer is a softmax/sigmoid
+        activation (gradients of a saturated probability vanish). Images in a batch are
+        independent, so the gradient of the batch's summed score gives each image its own map.
+        """
+        import keras
+        import tensorflow as tf
+
+        model = self.model
+        last = model.layers[-1]
+        score_tensor = last.input if isinstance(last, keras.layers.Activation) else model.output
+        grad_model = keras.Model(
+            model.inputs,
+            [model.get_layer(self._explain_layer_name()).output, score_tensor, model.output],
+        )
+        height, width = self.card.input.height, self.card.input.width
+        index = self._positive_index
+
+        def explain(images: Any) -> Any:
+            with tf.GradientTape() as tape:
+                features, scores, probabilities = grad_model(images, training=False)
+                score = tf.reduce_sum(scores[:, index])
+            grads = tape.gradient(score, features)
+            weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+            cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
+            cam = tf.image.resize(cam, (height, width), method="bilinear")[..., 0]
+            peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
+            return probabilities, tf.math.divide_no_nan(cam, peak)
+
+        return explain
+
+    # -- running -------------------------------------------------------------------------------
+
+    def predict_batch(
+        self, images: npt.NDArray[np.float32], *, explain: bool = False
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+        """Probabilities (n, labels) and, with ``explain``, Grad-CAM maps (n, h, w) of up to
+        ``batch_size`` preprocessed images (zero-padded to the compiled batch size)."""
+        count = len(images)
+        if count > self.batch_size:
+            raise ValueError(f"{count} images exceed the batch size {self.batch_size}")
+        batch = images
+        if count < self.batch_size:
+            batch = self._empty.copy()
+            batch[:count] = images
+        if explain:
+            probabilities, cams = self._explain(batch)
+            return np.asarray(probabilities)[:count], np.asarray(cams, dtype=np.float32)[:count]
+        return np.asarray(self._forward(batch))[:count], None
+
+    def predict_series(self, paths: Sequence[Path]) -> SeriesPrediction:
+        """Classify a series from its DICOM files and aggregate per the card.
+
+        Files or frames that cannot be decoded are skipped and listed in ``skipped``;
+        :class:`NoUsableImagesError` is raised only when no image at all could be used.
+        """
+        skipped: list[tuple[str, str]] = []
+        images: list[ImagePrediction] = []
+        best: tuple[float, int, npt.NDArray[np.float32]] | None = None  # key image candidate
+        explain_all = self.heatmaps == "all"
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer") as executor:
+            pending: _Pending | None = None
+            for sources, inputs in self._batches(paths, skipped):
+                # Submit this batch before collecting the previous one, so that TensorFlow
+                # computes while the next batch is decoded.
+                future = executor.submit(self.predict_batch, inputs, explain=explain_all)
+                if pending is not None:
+                    best = self._collect(pending, images, best)
+                pending = _Pending(sources, inputs, future)
+            if pending is not None:
+                best = self._collect(pending, images, best)
+        if best is None:
+            reasons = "; ".join(f"{uid}: {reason}" for uid, reason in skipped[:5])
+            raise NoUsableImagesError(f"no usable image among {len(paths)} files ({reasons})")
+        _, key_index, key_input = best
+        if images[key_index].heatmap is None:
+            _, cams = self.predict_batch(key_input[np.newaxis], explain=True)
+            assert cams is not None
+            images[key_index] = replace(images[key_index], heatmap=cams[0])
+        return self._aggregate(images, skipped)
+
+    def _batches(
+        self, paths: Sequence[Path], skipped: list[tuple[str, str]]
+    ) -> Iterator[tuple[list[tuple[str, int | None]], npt.NDArray[np.float32]]]:
+        """Decode the files into batches of model inputs, recording what had to be skipped."""
+        shape = self._empty.shape[1:]
+        buffer = np.empty((self.batch_size, *shape), dtype=np.float32)
+        sources: list[tuple[str, int | None]] = []
+        for path in paths:
+            try:
+                ds = dcmread(path)
+                uid = str(ds.SOPInstanceUID)
+                frames = number_of_frames(ds)
+            except (InvalidDicomError, OSError, AttributeError, ValueError) as exc:
+                skipped.append((path.name, f"not a readable DICOM image: {exc}"))
+                continue
+            for frame in range(frames):
+                try:
+                    image = to_model_input(ds, self.card.input, self.card.preprocessing, frame)
+                except Exception as exc:  # decoders raise anything from ValueError to RuntimeError
+                    where = f" frame {frame + 1}" if frames > 1 else ""
+                    skipped.append((uid, f"cannot decode{where}: {type(exc).__name__}: {exc}"))
+                    continue
+                buffer[len(sources)] = image
+                sources.append((uid, frame + 1 if frames > 1 else None))
+                if len(sources) == self.batch_size:
+                    yield sources, buffer
+                    buffer = np.empty_like(buffer)  # the yielded one is still being computed
+                    sources = []
+        if sources:
+            yield sources, buffer[: len(sources)]
+
+    def _collect(
+        self,
+        pending: _Pending,
+        images: list[ImagePrediction],
+        best: tuple[float, int, npt.NDArray[np.float32]] | None,
+    ) -> tuple[float, int, npt.NDArray[np.float32]] | None:
+        """Turn a computed batch into ImagePredictions, with heat maps per the policy."""
+        probabilities, cams = pending.result.result()
+        positive = probabilities[:, self._positive_index]
+        if (
+            cams is None
+            and self.heatmaps == "positive"
+            and bool((positive >= self.card.threshold).any())
+        ):
+            _, cams = self.predict_batch(pending.inputs, explain=True)
+        names = [label.name for label in self.card.labels]
+        for i, (uid, frame) in enumerate(pending.sources):
+            probs = {name: float(p) for name, p in zip(names, probabilities[i], strict=True)}
+            keep = cams is not None and (
+                self.heatmaps == "all" or positive[i] >= self.card.threshold
+            )
+            images.append(
+                ImagePrediction(
+                    sop_instance_uid=uid,
+                    frame_number=frame,
+                    probabilities=probs,
+                    label=max(probs, key=probs.__getitem__),
+                    heatmap=cams[i] if keep and cams is not None else None,
+                )
+            )
+            if best is None or positive[i] > best[0]:
+                best = (float(positive[i]), len(images) - 1, pending.inputs[i].copy())
+        return best
+
+    def _aggregate(
+        self, images: list[ImagePrediction], skipped: list[tuple[str, str]]
+    ) -> SeriesPrediction:
+        """Series probabilities from image ones, per the card's aggregation.
+
+        Each label's image probabilities are aggregated; with two labels the other label gets
+        ``1 - p`` of the positive one, so the pair still sums to one.
+        """
+        card = self.card
+        names = [label.name for label in card.labels]
+        table = np.array([[image.probabilities[n] for n in names] for image in images])
+        series = {
+            n: _aggregate(table[:, i], card.aggregation, card.top_k) for i, n in enumerate(names)
+        }
+        positive_name = card.positive_label.name
+        if len(names) == 2:
+            other = next(n for n in names if n != positive_name)
+            series[other] = 1.0 - series[positive_name]
+        is_positive = series[positive_name] >= card.threshold
+        label = (
+            positive_name
+            if is_positive
+            else max((n for n in names if n != positive_name), key=series.__getitem__)
+        )
+        return SeriesPrediction(
+            model=card.name,
+            model_version=card.version,
+            positive_label=positive_name,
+            label=label,
+            probability=series[positive_name],
+            positive=is_positive,
+            probabilities=series,
+            images=tuple(images),
+            skipped=tuple(skipped),
+        )
+
+
+def _aggregate(values: npt.NDArray[np.float64], how: Aggregation, top_k: int) -> float:
+    """One number from per-image probabilities: max, mean or mean of the ``top_k`` largest."""
+    if how is Aggregation.MAX:
+        return float(values.max())
+    if how is Aggregation.MEAN:
+        return float(values.mean())
+    return float(np.sort(values)[-top_k:].mean())
