@@ -1,0 +1,222 @@
+"""The classification as a Comprehensive 3D SR with a TID 1500 Measurement Report.
+
+This is the encoding the IHE AI Results (AIR) profile asks for: PS3.16 TID 1500 at the
+root with the algorithm as observer device (TID 1002/1004), the procedure reported
+(CID 100), the source images in an image library (TID 1600), and one TID 1501
+Measurement and Qualitative Evaluation Group per classification: the series result, and
+for multi-image series the key image and the other images the model found positive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from copy import deepcopy
+
+import highdicom as hd
+from highdicom._standard_utils import get_anatomic_region_map
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from dicom_ai_node.infer.card import Aggregation, ModelCard
+from dicom_ai_node.infer.prediction import ImagePrediction, SeriesPrediction
+from dicom_ai_node.report.common import (
+    ReportContext,
+    check_inputs,
+    coded,
+    equipment_kwargs,
+    finish,
+    flagged_images,
+    label_spec,
+    observer_device,
+    series_description,
+    study_header,
+)
+
+# Concept name of the qualitative evaluation (TID 1501 row "$QualitativeEvaluation"):
+# the value is the label's own code. Not (121071, DCM, "Finding"): highdicom's reader
+# skips CODE items so named when it collects qualitative evaluations.
+FINDING = Code("404684003", "SCT", "Clinical finding")
+# Concept name and unit of the probability (TID 1501 row "$Measurement", TID 300).
+PROBABILITY = codes.DCM.Probability
+NO_UNITS = codes.UCUM.NoUnits  # (1, UCUM, "no units"), CID 7181
+# At most this many per-image groups, so that a long positive CT stays readable.
+MAX_IMAGE_GROUPS = 10
+
+# CID 100 Quantitative Diagnostic Imaging Procedures, by Modality (0008,0060); other
+# modalities, X-ray ones included, get (363679005, SCT, "Imaging procedure"). The
+# current CID 100 also has (43468-8, LN, "XR unspecified body region"), but pixelmed's
+# validator (2022 dictionary) rejects it as not in the context group.
+_PROCEDURES: dict[str, Code] = {
+    "CT": codes.LN.CTUnspecifiedBodyRegion,
+    "MR": codes.LN.MRIUnspecifiedBodyRegion,
+    "NM": codes.LN.NMUnspecifiedBodyRegion,
+    "PT": codes.LN.PETUnspecifiedBodyRegion,
+}
+# How images' probabilities became the series one, as a TID 300 Derivation (CID 7464).
+_DERIVATIONS: dict[Aggregation, Code] = {
+    Aggregation.MAX: codes.SCT.Maximum,
+    Aggregation.MEAN: codes.SCT.Mean,
+}
+# Attributes (and their multiplicity) highdicom's TID 1603/1604 descriptors read
+# unconditionally for projection and cross-sectional images.
+_PROJECTION = {"PatientOrientation": 2, "ImagerPixelSpacing": 2}
+_CROSS_SECTIONAL = {
+    "PixelSpacing": 2,
+    "ImageOrientationPatient": 6,
+    "ImagePositionPatient": 3,
+    "SliceThickness": 1,
+}
+_LIBRARY_DESCRIPTORS: dict[str, dict[str, int]] = {
+    **dict.fromkeys(("CT", "MR", "PT"), _CROSS_SECTIONAL),
+    **dict.fromkeys(("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"), _PROJECTION),
+}
+
+
+def build_sr(
+    sources: Sequence[Dataset],
+    prediction: SeriesPrediction,
+    card: ModelCard,
+    *,
+    series_uid: str,
+    sop_instance_uid: str,
+    context: ReportContext,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the TID 1500 SR of ``prediction`` on the series made of ``sources``.
+
+    ``sources`` are the headers of the series' images (pixel data not needed). The SR
+    is COMPLETE (the algorithm adds nothing later), UNVERIFIED (no person attested it)
+    and PRELIMINARY (the radiologist's report, not this, is final): PS3.3 C.17.2.
+    Raises ``ValueError`` on inconsistent inputs.
+    """
+    by_uid = check_inputs(sources, prediction, card)
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=card.name,
+        version=card.version,
+        family=codes.DCM.ArtificialIntelligence,
+    )
+    sites = _finding_sites(sources[0])
+    label = label_spec(card, prediction.label)
+    groups = [
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=_tracking_uid(sop_instance_uid, "series"),
+                identifier=f"{card.name} series result",
+            ),
+            algorithm_id=algorithm,
+            finding_sites=sites,
+            measurements=[
+                _probability(
+                    prediction.probabilities[prediction.label],
+                    _DERIVATIONS.get(card.aggregation),
+                )
+            ],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(FINDING, coded(label))],
+        )
+    ]
+    if len(prediction.images) > 1:
+        for image in flagged_images(prediction, card)[:MAX_IMAGE_GROUPS]:
+            groups.append(
+                _image_group(
+                    image, by_uid[image.sop_instance_uid], card, algorithm, sites, sop_instance_uid
+                )
+            )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=observer_device(card, context)
+        ),
+        procedure_reported=_PROCEDURES.get(
+            sources[0].get("Modality", ""), codes.SCT.ImagingProcedure
+        ),
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+        referenced_images=[_library_entry(ds) for ds in sources],
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[study_header(sources[0]), *sources[1:]],
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=context.series_number_base,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=series_description(card),
+        **equipment_kwargs(card, context),  # type: ignore[arg-type]
+    )
+    finish(sr, context)
+    return sr
+
+
+def _image_group(
+    image: ImagePrediction,
+    source: Dataset,
+    card: ModelCard,
+    algorithm: hd.sr.AlgorithmIdentification,
+    sites: list[hd.sr.FindingSite],
+    sop_instance_uid: str,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group of one image (or frame) with its own source image reference."""
+    frames = None if image.frame_number is None else [image.frame_number]
+    where = image.sop_instance_uid if frames is None else f"{image.sop_instance_uid}#{frames[0]}"
+    number = source.get("InstanceNumber")
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=_tracking_uid(sop_instance_uid, where),
+            identifier=f"{card.name} image {number if number is not None else where}"[:64],
+        ),
+        algorithm_id=algorithm,
+        finding_sites=sites,
+        measurements=[_probability(image.probabilities[image.label], None)],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(FINDING, coded(label_spec(card, image.label)))
+        ],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source, frames)],
+    )
+
+
+def _probability(value: float, derivation: Code | None) -> hd.sr.Measurement:
+    """The probability of the reported label as a TID 300 measurement, unit "1"."""
+    return hd.sr.Measurement(
+        name=PROBABILITY, value=round(value, 6), unit=NO_UNITS, derivation=derivation
+    )
+
+
+def _tracking_uid(sop_instance_uid: str, part: str) -> str:
+    """A Tracking Unique Identifier derived from the SR's UID (deterministic)."""
+    return str(generate_uid(entropy_srcs=[sop_instance_uid, part]))
+
+
+def _finding_sites(source: Dataset) -> list[hd.sr.FindingSite]:
+    """Body Part Examined as a Finding Site, mapped to SNOMED CT by PS3.16 Annex L."""
+    region = get_anatomic_region_map().get(str(source.get("BodyPartExamined", "")).upper())
+    return [] if region is None else [hd.sr.FindingSite(region[0])]
+
+
+def _library_entry(source: Dataset) -> Dataset:
+    """The attributes of ``source`` that highdicom's image library entry reads.
+
+    highdicom adds the TID 1603 (projection) or TID 1604 (cross-sectional) descriptors
+    by Modality and reads their attributes unconditionally, but these are type 2 or 3
+    in the CR, DX and CT IODs. When one is absent or empty, the entry's Modality is
+    blanked, so that it keeps the TID 1602 descriptors (modality, which highdicom
+    takes from the SOP Class, rows, columns, frame of reference).
+    """
+    entry = Dataset()
+    modality = str(source.get("Modality", ""))
+    needed = _LIBRARY_DESCRIPTORS.get(modality, {})
+    optional = ("FrameOfReferenceUID", "SpacingBetweenSlices")
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", *optional, *needed):
+        if source.get(keyword) not in (None, ""):
+            entry[keyword] = deepcopy(source[keyword])
+    complete = all(_multiplicity(entry.get(k)) == vm for k, vm in needed.items())
+    entry.Modality = modality if complete else ""
+    return entry
+
+
+def _multiplicity(value: object) -> int:
+    if value is None or value == "":
+        return 0
+    return len(value) if isinstance(value, Sequence) and not isinstance(value, str) else 1
