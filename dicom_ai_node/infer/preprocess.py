@@ -26,7 +26,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 from pydicom import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from dicom_ai_node.infer.card import InputSpec, PreprocessSpec, Window
 
@@ -133,10 +134,10 @@ def _grayscale_display(
     else:
         low, high = float(values.min()), float(values.max())
         display = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    display = np.clip(display, 0.0, 1.0).astype(np.float32)
+    clipped = np.clip(display, 0.0, 1.0)
     if photometric == "MONOCHROME1" and spec.invert_monochrome1:
-        display = np.float32(1.0) - display
-    return display
+        clipped = 1.0 - clipped
+    return clipped.astype(np.float32)
 
 
 def apply_window(
@@ -153,7 +154,9 @@ def apply_window(
         if width < 1:
             raise ValueError(f"Window Width {width} < 1 is not valid for a LINEAR window")
         scaled = (
-            (values - (center - 0.5)) / (width - 1) + 0.5 if width > 1 else values > center - 0.5
+            (values - (center - 0.5)) / (width - 1) + 0.5
+            if width > 1
+            else (values > center - 0.5).astype(np.float64)
         )
     return np.clip(np.asarray(scaled, dtype=np.float64), 0.0, 1.0)
 
@@ -208,7 +211,7 @@ def normalize(image: FloatImage, spec: PreprocessSpec) -> FloatImage:
     """``unit`` keeps [0, 1]; ``zscore`` subtracts the image mean and divides by its std."""
     if spec.normalize == "zscore":
         std = float(image.std())
-        return ((image - image.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+        return np.asarray((image - image.mean()) / (std if std > 0 else 1.0), dtype=np.float32)
     return image
 
 

@@ -87,9 +87,10 @@ def find_packages(dirs: Sequence[Path]) -> list[Path]:
 
 
 def read_card(package: Path) -> ModelCard:
-    """The validated card of a package, or :class:`ModelPackageError` saying what is wrong."""
+    """The validated card of a package folder (or of a ``.toml`` file itself), or
+    :class:`ModelPackageError` saying what is wrong."""
     try:
-        return ModelCard.load(package / "model.toml")
+        return ModelCard.load(package if package.suffix == ".toml" else package / "model.toml")
     except FileNotFoundError as exc:
         raise ModelPackageError(f"model package {package}: no model.toml") from exc
     except (ValidationError, ValueError) as exc:

@@ -37,13 +37,13 @@ def _blur(image: Float, sigma: float) -> Float:
     fy = np.fft.fftfreq(image.shape[0])[:, np.newaxis]
     fx = np.fft.rfftfreq(image.shape[1])[np.newaxis, :]
     kernel = np.exp(-2.0 * (np.pi * sigma) ** 2 * (fy**2 + fx**2))
-    return np.fft.irfft2(np.fft.rfft2(image) * kernel, s=image.shape)
+    return np.asarray(np.fft.irfft2(np.fft.rfft2(image) * kernel, s=image.shape), np.float64)
 
 
 def _texture(rng: np.random.Generator, size: int, sigma: float) -> Float:
     """Smooth random texture with unit standard deviation."""
     field = _blur(rng.standard_normal((size, size)), sigma)
-    return field / (field.std() + 1e-12)
+    return np.asarray(field / (field.std() + 1e-12), dtype=np.float64)
 
 
 def chest_radiograph(rng: np.random.Generator, size: int, opacity: bool) -> Float:
@@ -72,13 +72,12 @@ def chest_radiograph(rng: np.random.Generator, size: int, opacity: bool) -> Floa
     spine = (np.abs(xx) < 0.07) & body
     image = image + 0.12 * spine
 
-    rib_gap = rng.uniform(0.13, 0.16)
-    for k in range(9):
-        for side in (-1, 1):
-            u = xx * side
-            centre = -0.62 + k * rib_gap + 0.35 * (u - 0.15) ** 2
-            band = (np.abs(yy - centre) < 0.022) & (u > 0.05) & (u < 0.72) & body
-            image = image + 0.1 * band
+    # Nine posterior ribs each side: bands along parabolas, spaced rib_gap apart vertically.
+    rib_gap, u = rng.uniform(0.13, 0.16), np.abs(xx)
+    phase = (yy + 0.62 - 0.35 * (u - 0.15) ** 2) / rib_gap
+    nearest = np.round(phase)
+    ribs = (np.abs(phase - nearest) * rib_gap < 0.022) & (nearest >= 0) & (nearest <= 8)
+    image = image + 0.1 * (ribs & (u > 0.05) & (u < 0.72) & body)
     for side in (-1, 1):
         clavicle = np.abs(yy - (-0.72 + 0.18 * side * xx)) < 0.03
         image = image + 0.14 * (clavicle & (np.abs(xx) < 0.6) & (np.abs(xx) > 0.08) & body)

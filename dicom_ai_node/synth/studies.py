@@ -25,8 +25,8 @@ import numpy.typing as npt
 from pydicom import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
-    CTImageStorage,
     ComputedRadiographyImageStorage,
+    CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -86,14 +86,16 @@ def generate_studies(
     *,
     size: int | None = None,
     slices: int = 24,
+    start: int = 0,
 ) -> list[Path]:
     """Write ``count`` studies as ``out_dir/<StudyInstanceUID>/<SeriesInstanceUID>/<n>.dcm``.
 
     ``size`` is the image matrix (default 512 for radiographs, 256 for CT); ``slices`` the
-    number of axial CT slices. Returns the study directories, in order.
+    number of axial CT slices; ``start`` the index of the first study (studies ``start`` to
+    ``start + count - 1`` of the seed's sequence). Returns the study directories, in order.
     """
     studies = []
-    for index in range(count):
+    for index in range(start, start + count):
         datasets = _study(Task(task), Label(label), index, seed, size, slices)
         study_dir = out_dir / datasets[0].StudyInstanceUID
         series_dir = study_dir / datasets[0].SeriesInstanceUID
@@ -254,7 +256,7 @@ def _head_ct(
 
 def phantom_arrays(
     task: Task,
-    labels: Sequence[int],
+    labels: Sequence[int] | npt.NDArray[np.int64],
     input_spec: InputSpec,
     seed: int = 0,
     *,

@@ -26,7 +26,7 @@ def build_classifier(input_spec: InputSpec, labels: int, *, filters: int = 16) -
     widths = (filters, filters * 2, filters * 4, filters * 8)
     for block, width in enumerate(widths, start=1):
         x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{block}")(x)
-        x = keras.layers.BatchNormalization(name=f"bn{block}")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{block}")(x)
         last = block == len(widths)
         x = keras.layers.Activation("relu", name=EXPLAIN_LAYER if last else f"relu{block}")(x)
         if not last:
