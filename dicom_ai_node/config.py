@@ -100,6 +100,16 @@ class WorkerSettings(_Section):
     max_attempts: int = Field(default=3, ge=1)
 
 
+class DispatchSettings(_Section):
+    """Sending results: timeouts and the retry schedule (exponential backoff, capped)."""
+
+    timeout: float = Field(default=30.0, gt=0)
+    retry_base_seconds: float = Field(default=5.0, gt=0)
+    retry_max_seconds: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(default=12, ge=1)
+    poll_seconds: float = Field(default=1.0, gt=0)
+
+
 class DestinationSettings(_Section):
     """A DICOM peer that receives results by C-STORE."""
 
@@ -170,6 +180,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     assemble: AssembleSettings = AssembleSettings()
     worker: WorkerSettings = WorkerSettings()
+    dispatch: DispatchSettings = DispatchSettings()
     models: ModelsSettings = ModelsSettings()
     logging: LoggingSettings = LoggingSettings()
     destinations: list[DestinationSettings] = []

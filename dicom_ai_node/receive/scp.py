@@ -14,23 +14,19 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
     VerificationPresentationContexts,
+    build_context,
     evt,
 )
 from pynetdicom.association import Association as PynetdicomAssociation
@@ -49,18 +45,23 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
-_UNCOMPRESSED = (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-)
-# The acceptor picks the first of its own transfer syntaxes that the requestor proposed
-# (PS3.8 Section 9.3.3.2 leaves the choice to the acceptor): compressed ones first, so a
-# sender never has to decompress for us and the stored file is what it had.
-PREFERRED_TRANSFER_SYNTAXES = [
-    ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _UNCOMPRESSED
-] + list(_UNCOMPRESSED)
+_UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian})
+_SUPPORTED = frozenset(ALL_TRANSFER_SYNTAXES)
+
+
+def preferred_transfer_syntaxes(proposed: Sequence[str]) -> list[str]:
+    """The order in which to accept the proposed transfer syntaxes of one SOP Class.
+
+    The acceptor chooses among the syntaxes a requestor proposes (PS3.8 Section 9.3.3.2).
+    Compressed ones (encapsulated and deflate) come first, so that a sender whose file is
+    compressed need not decompress it for us; then the uncompressed ones in the requestor's
+    own order, since requestors list first the syntax their data is in. Either way the node
+    stores what arrives without transcoding it.
+    """
+    ordered = list(dict.fromkeys(ts for ts in proposed if ts in _SUPPORTED))
+    return [ts for ts in ordered if ts not in _UNCOMPRESSED] + [
+        ts for ts in ordered if ts in _UNCOMPRESSED
+    ]
 
 
 @dataclass
@@ -110,6 +111,7 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._server: Any = None
         self.ae = self._make_ae()
+        self._sop_classes = {str(cx.abstract_syntax) for cx in self.ae.supported_contexts}
 
     def _make_ae(self) -> AE:
         s = self.settings
@@ -124,7 +126,7 @@ class StorageSCP:
             ae.require_calling_aet = list(s.allowed_calling_aets)
         for context in AllStoragePresentationContexts + VerificationPresentationContexts:
             assert context.abstract_syntax is not None
-            ae.add_supported_context(context.abstract_syntax, PREFERRED_TRANSFER_SYNTAXES)
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         return ae
 
     @property
@@ -141,6 +143,7 @@ class StorageSCP:
     def start(self) -> None:
         """Start listening in the background (returns at once)."""
         handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -178,6 +181,22 @@ class StorageSCP:
     def _info(self, assoc: PynetdicomAssociation) -> _AssociationInfo | None:
         with self._lock:
             return self._associations.get(id(assoc))
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Order this association's transfer syntaxes (see :func:`preferred_transfer_syntaxes`)."""
+        primitive = event.assoc.requestor.primitive
+        assert primitive is not None
+        requested = primitive.presentation_context_definition_list
+        proposed: dict[str, list[str]] = {}
+        for context in requested:
+            proposed.setdefault(str(context.abstract_syntax), []).extend(
+                str(ts) for ts in context.transfer_syntax
+            )
+        event.assoc.acceptor.supported_contexts = [
+            build_context(sop_class, preferred_transfer_syntaxes(syntaxes) or None)
+            for sop_class, syntaxes in proposed.items()
+            if sop_class in self._sop_classes
+        ]
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc

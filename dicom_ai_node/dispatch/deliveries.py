@@ -1,0 +1,258 @@
+"""Delivering results: one row per (result, destination), retried with exponential backoff.
+
+A destination that is down only delays its own deliveries: each destination has its own
+sender, and a failed attempt schedules the next one ``base * 2**attempts`` seconds later
+(capped), until ``max_attempts`` when the delivery fails and its job becomes
+``failed_to_deliver`` (``dicom-ai-node jobs retry ID`` sends it again). Results keep their
+SOP Instance UIDs across retries, so a peer that stored an object before the answer was lost
+receives the same object again, never a second copy with a new UID.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_ai_node.config import DestinationSettings, DispatchSettings
+from dicom_ai_node.dispatch.scu import Peer, SendOutcome, send_files
+from dicom_ai_node.jobs.models import Delivery, DeliveryState, Job, JobState, Result, utcnow
+from dicom_ai_node.jobs.queue import transition
+from dicom_ai_node.jobs.store import add_event
+
+log = logging.getLogger(__name__)
+
+
+def plan_deliveries(session: Session, job: Job, results: list[Result]) -> int:
+    """Create the delivery rows of a job's results; returns how many."""
+    count = 0
+    for destination in job.destinations:
+        if destination == "outbox":
+            continue
+        for result in results:
+            session.add(
+                Delivery(job_id=job.id, result_uid=result.sop_instance_uid, destination=destination)
+            )
+            count += 1
+    return count
+
+
+def claim_due(
+    session: Session, destination: str, owner: str, lease_seconds: float, limit: int = 50
+) -> list[tuple[Delivery, Result]]:
+    """Claim the due deliveries to ``destination`` (lease-protected like jobs)."""
+    now = utcnow()
+    due = (
+        select(Delivery.id)
+        .where(
+            Delivery.destination == destination,
+            Delivery.state == DeliveryState.PENDING.value,
+            Delivery.next_attempt_at <= now,
+            or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now),
+        )
+        .order_by(Delivery.next_attempt_at, Delivery.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    ids = list(session.scalars(due).all())
+    if not ids:
+        return []
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(ids))
+        .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    rows = session.execute(
+        select(Delivery, Result)
+        .join(Result, Result.sop_instance_uid == Delivery.result_uid)
+        .where(Delivery.id.in_(ids))
+        .order_by(Delivery.id)
+        .execution_options(populate_existing=True)
+    ).all()
+    return [(delivery, result) for delivery, result in rows]
+
+
+def backoff(attempts: int, settings: DispatchSettings) -> timedelta:
+    """The wait before attempt ``attempts + 1``: exponential, capped."""
+    seconds = settings.retry_base_seconds * (2 ** max(attempts - 1, 0))
+    return timedelta(seconds=min(seconds, settings.retry_max_seconds))
+
+
+def record_outcome(
+    session: Session,
+    delivery_id: int,
+    outcome: SendOutcome,
+    settings: DispatchSettings,
+    now: datetime | None = None,
+) -> None:
+    """Record one attempt; schedule the next one or close the delivery."""
+    now = now or utcnow()
+    delivery = session.get(Delivery, delivery_id, populate_existing=True)
+    if delivery is None:
+        return
+    delivery.attempts += 1
+    delivery.last_status = outcome.status
+    delivery.last_error = outcome.error or None
+    delivery.lease_owner = None
+    delivery.lease_expires_at = None
+    what = f"{delivery.result_uid} to {delivery.destination}"
+    status = f"0x{outcome.status:04X}" if outcome.status is not None else "no status"
+    if outcome.ok:
+        delivery.state = DeliveryState.DONE.value
+        delivery.delivered_at = now
+        add_event(
+            session,
+            "delivered",
+            f"sent {what}: {status}",
+            job_id=delivery.job_id,
+            destination=delivery.destination,
+            status=outcome.status,
+        )
+    elif delivery.attempts >= settings.max_attempts:
+        delivery.state = DeliveryState.FAILED.value
+        add_event(
+            session,
+            "delivery_failed",
+            f"gave up sending {what} after {delivery.attempts} attempts: {status} {outcome.error}",
+            job_id=delivery.job_id,
+            destination=delivery.destination,
+            status=outcome.status,
+        )
+    else:
+        delivery.next_attempt_at = now + backoff(delivery.attempts, settings)
+        add_event(
+            session,
+            "delivery_retry",
+            f"sending {what} failed ({status} {outcome.error}); attempt "
+            f"{delivery.attempts + 1} at {delivery.next_attempt_at:%H:%M:%S}",
+            job_id=delivery.job_id,
+            destination=delivery.destination,
+            status=outcome.status,
+        )
+    session.flush()
+    settle_job(session, delivery.job_id)
+
+
+def settle_job(session: Session, job_id: int) -> None:
+    """Close a delivering job once none of its deliveries is pending."""
+    job = session.get(Job, job_id)
+    if job is None or job.state != JobState.DELIVERING.value:
+        return
+    states = set(session.scalars(select(Delivery.state).where(Delivery.job_id == job_id)).all())
+    if DeliveryState.PENDING.value in states:
+        return
+    if DeliveryState.FAILED.value in states:
+        transition(
+            session,
+            job_id,
+            JobState.FAILED_TO_DELIVER,
+            f"job {job_id}: some results could not be delivered",
+            error="delivery failed",
+        )
+    else:
+        transition(session, job_id, JobState.DONE, f"job {job_id}: all results delivered")
+
+
+def resend(session: Session, job_id: int) -> int:
+    """Make a job's failed deliveries pending again (operator retry); returns how many."""
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.job_id == job_id,
+            Delivery.state == DeliveryState.FAILED.value,
+        )
+        .values(state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    count = int(result.rowcount)  # type: ignore[attr-defined]
+    if count:
+        transition(
+            session,
+            job_id,
+            JobState.DELIVERING,
+            f"job {job_id}: {count} failed deliveries queued again by an operator",
+        )
+    return count
+
+
+class Dispatcher:
+    """One sender thread per destination, so a slow or dead peer holds up only itself."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        destinations: list[DestinationSettings],
+        settings: DispatchSettings,
+        calling_ae_title: str,
+        owner: str,
+        on_outcome: Callable[[str, SendOutcome], None] | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.owner = owner
+        self.on_outcome = on_outcome
+        self.peers = {
+            d.name: Peer(d.ae_title, d.host, d.port, calling_ae_title) for d in destinations
+        }
+        self._stop = threading.Event()
+        self._wake = {name: threading.Event() for name in self.peers}
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for name in self.peers:
+            thread = threading.Thread(
+                target=self._run, args=(name,), name=f"dispatch-{name}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        """Look for due deliveries now (results were just written)."""
+        for event in self._wake.values():
+            event.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        self.wake()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _run(self, name: str) -> None:
+        while not self._stop.is_set():
+            try:
+                sent = self.run_once(name)
+            except Exception:
+                log.exception("dispatch to %s: unexpected error; retrying", name)
+                sent = 0
+            if not sent:
+                self._wake[name].wait(self.settings.poll_seconds)
+                self._wake[name].clear()
+
+    def run_once(self, name: str) -> int:
+        """Send what is due to destination ``name``; returns how many were attempted."""
+        with self.sessions.begin() as session:
+            due = claim_due(session, name, self.owner, self.settings.timeout * 4)
+        if not due:
+            return 0
+        by_path = {Path(result.path): delivery.id for delivery, result in due}
+        outcomes = send_files(list(by_path), self.peers[name], timeout=self.settings.timeout)
+        for outcome in outcomes:
+            with self.sessions.begin() as session:
+                record_outcome(session, by_path[outcome.path], outcome, self.settings)
+            if self.on_outcome is not None:
+                self.on_outcome(name, outcome)
+            level = logging.INFO if outcome.ok else logging.WARNING
+            log.log(
+                level,
+                "dispatch to %s: %s %s",
+                name,
+                outcome.sop_instance_uid,
+                f"0x{outcome.status:04X}" if outcome.status is not None else outcome.error,
+            )
+        return len(outcomes)

@@ -1,0 +1,319 @@
+"""The node: wires the stages together around the job log and owns start and stop.
+
+Threads of one process: the DICOM listener (pynetdicom, one thread per association), the
+assembler (completes series and studies, routes them to jobs), the worker (runs a job:
+inference, then the result objects, written to the outbox) and one dispatcher per
+destination. Each reads and writes the job log, so a restart resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+from collections.abc import Callable
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydicom import dcmread
+from pydicom.uid import KeyObjectSelectionDocumentStorage
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_ai_node import __version__
+from dicom_ai_node.assemble import complete_series, complete_studies
+from dicom_ai_node.config import ConfigError, Settings
+from dicom_ai_node.dispatch.deliveries import Dispatcher, plan_deliveries
+from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
+from dicom_ai_node.jobs.models import Instance, Job, JobState, Prediction, Result, utcnow
+from dicom_ai_node.jobs.queue import enqueue, record_skipped, recover, transition, worker_id
+from dicom_ai_node.jobs.store import add_event, upsert
+from dicom_ai_node.jobs.worker import Worker
+from dicom_ai_node.receive.record import close_stale_associations, reindex
+from dicom_ai_node.receive.scp import StorageSCP
+from dicom_ai_node.route import plan_series, plan_study
+from dicom_ai_node.spool import Spool
+
+if TYPE_CHECKING:
+    from dicom_ai_node.infer.prediction import SeriesPrediction
+    from dicom_ai_node.infer.runtime import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def result_kind(sop_class_uid: str) -> str:
+    """``sr``, ``kos`` or ``sc``: which output a result object is (by its SOP Class, PS3.4 B.5)."""
+    if sop_class_uid == KeyObjectSelectionDocumentStorage:
+        return "kos"
+    return "sr" if sop_class_uid.startswith("1.2.840.10008.5.1.4.1.1.88.") else "sc"
+
+
+class Node:
+    """A running node. ``start()`` returns once it listens; ``stop()`` shuts it down cleanly.
+
+    ``models`` maps model names to loaded models; by default the models the routes name are
+    loaded from the bundled packages and ``[models] dirs``.
+    """
+
+    def __init__(self, settings: Settings, models: dict[str, LoadedModel] | None = None) -> None:
+        self.settings = settings
+        self.owner = worker_id(settings.node_name)
+        self.engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
+        self.sessions = session_factory(self.engine)
+        self.spool = Spool(settings.storage.data_dir)
+        self.models = models if models is not None else self._load_models()
+        extra = tuple(
+            sorted({key for route in settings.routes for key in route.where} - {"CallingAETitle"})
+        )
+        self.scp = StorageSCP(
+            settings.dicom,
+            self.spool,
+            self.sessions,
+            settings.node_name,
+            min_free_bytes=settings.storage.min_free_mb * 1024 * 1024,
+            extra_keywords=extra,
+        )
+        self.worker = Worker(
+            self.sessions,
+            self.process_job,
+            self.owner,
+            lease_seconds=settings.worker.lease_seconds,
+            max_attempts=settings.worker.max_attempts,
+            poll_seconds=settings.worker.poll_seconds,
+        )
+        self.dispatcher = Dispatcher(
+            self.sessions,
+            settings.destinations,
+            settings.dispatch,
+            settings.dicom.ae_title,
+            self.owner,
+        )
+        self._stop = threading.Event()
+        self._assembler: threading.Thread | None = None
+        self.on_job_finished: Callable[[int], None] | None = None
+
+    def _load_models(self) -> dict[str, LoadedModel]:
+        from dicom_ai_node.infer.runtime import ModelPackageError, load_models
+
+        wanted = {route.model for route in self.settings.routes}
+        if not wanted:
+            return {}
+        try:
+            models = load_models(self.settings.models.dirs, names=wanted)
+        except ModelPackageError as exc:
+            raise ConfigError(f"models: {exc}") from None
+        for i, route in enumerate(self.settings.routes):
+            if route.model not in models:
+                raise ConfigError(
+                    f"routes[{i}].model: no model package named {route.model!r} "
+                    f"(found: {', '.join(sorted(models)) or 'none'})"
+                )
+        return models
+
+    # --- start and stop --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Migrate the job log, recover from a previous run, start every stage."""
+        upgrade(self.engine)
+        with self.sessions.begin() as session:
+            lost = close_stale_associations(session, self.settings.node_name)
+            requeued = recover(session, self.settings.node_name, self.settings.worker.max_attempts)
+        cleaned = self.spool.clean_temporary()
+        reindexed = reindex(self.sessions, self.spool)
+        if lost or requeued or cleaned or reindexed:
+            log.warning(
+                "recovered from an unclean stop: %d associations closed, jobs %s requeued, "
+                "%d partial files removed, %d spool files re-indexed",
+                lost,
+                requeued,
+                cleaned,
+                reindexed,
+            )
+        self.scp.start()
+        self._assembler = threading.Thread(target=self._assemble_loop, name="assemble", daemon=True)
+        self._assembler.start()
+        self.worker.start()
+        self.dispatcher.start()
+
+    def stop(self) -> None:
+        """Stop accepting, let in-flight associations finish, stop the stages."""
+        self.scp.stop()
+        self._stop.set()
+        if self._assembler is not None:
+            self._assembler.join()
+        self.worker.stop()
+        self.dispatcher.stop()
+        self.engine.dispose()
+
+    # --- assemble and route ----------------------------------------------------------------
+
+    def _assemble_loop(self) -> None:
+        while not self._stop.wait(self.settings.assemble.poll_seconds):
+            try:
+                if self.assemble_once():
+                    self.worker.wake()
+            except Exception:
+                log.exception("assemble: job log unavailable; retrying")
+
+    def assemble_once(self) -> int:
+        """Complete what is complete and queue its jobs; returns how many jobs were queued."""
+        rules = self.settings.routes
+        stable = self.settings.assemble.stable_seconds
+        queued = 0
+        with self.sessions.begin() as session:
+            now = utcnow()
+            for series in complete_series(session, now, stable):
+                specs, reason = plan_series(rules, series)
+                add_event(
+                    session,
+                    "series_complete",
+                    f"series complete: {series.instance_count} instances, {series.modality}",
+                    study=series.study_instance_uid,
+                    series=series.series_instance_uid,
+                    generation=series.generation,
+                )
+                if reason:
+                    job = record_skipped(
+                        session,
+                        series.study_instance_uid,
+                        series.series_instance_uid,
+                        series.generation,
+                        series.modality,
+                        reason,
+                    )
+                    log.info(
+                        "job %d skipped: series %s: %s", job.id, series.series_instance_uid, reason
+                    )
+                for job in enqueue(session, specs):
+                    log.info("job %d queued: route %s, model %s", job.id, job.route, job.model)
+                    queued += 1
+            for study in complete_studies(session, now, stable):
+                for job in enqueue(session, plan_study(rules, study)):
+                    log.info("job %d queued: study route %s", job.id, job.route)
+                    queued += 1
+        return queued
+
+    # --- the job -----------------------------------------------------------------------------
+
+    def _instances(self, session: Session, job: Job) -> list[Instance]:
+        query = select(Instance).where(Instance.study_instance_uid == job.study_instance_uid)
+        if job.series_instance_uid is not None:
+            query = query.where(Instance.series_instance_uid == job.series_instance_uid)
+        rows = session.scalars(query).all()
+        return sorted(rows, key=lambda i: (i.series_instance_uid, i.instance_number or 0))
+
+    def process_job(self, job: Job) -> None:
+        """Run a claimed job: infer, record predictions, write results, plan deliveries."""
+        with self.sessions() as session:
+            instances = self._instances(session, job)
+        if not instances:
+            raise RuntimeError("the job's instances are no longer in the spool")
+        model = self.models.get(job.model or "")
+        if model is None:
+            raise RuntimeError(f"model {job.model!r} is not loaded")
+        paths = [Path(instance.path) for instance in instances]
+        prediction = model.predict_series(paths)
+        log.info(
+            "job %d: %s %.3f (%s %s, %d images)",
+            job.id,
+            prediction.label,
+            prediction.probability,
+            prediction.model,
+            prediction.model_version,
+            len(prediction.images),
+        )
+        datasets = self._report(job, model, paths, prediction)
+        with self.sessions.begin() as session:
+            self._record_prediction(session, job, prediction)
+            results = self._write_results(session, job, datasets)
+            deliveries = plan_deliveries(session, job, results)
+            state = JobState.DELIVERING if deliveries else JobState.DONE
+            transition(
+                session,
+                job.id,
+                state,
+                f"job {job.id}: {prediction.label} ({prediction.probability:.3f}); "
+                f"{len(results)} result objects, {deliveries} deliveries",
+                owner=self.owner,
+                label=prediction.label,
+                probability=prediction.probability,
+                positive=prediction.positive,
+                model_version=prediction.model_version,
+                error=None,
+            )
+        if deliveries:
+            self.dispatcher.wake()
+        if self.on_job_finished is not None:
+            self.on_job_finished(job.id)
+
+    def _report(
+        self, job: Job, model: LoadedModel, paths: list[Path], prediction: SeriesPrediction
+    ) -> list[Any]:
+        from dicom_ai_node.report import ReportContext, build_results, result_uids
+
+        if not job.outputs:
+            return []
+        sources = [dcmread(path, stop_before_pixels=True) for path in paths]
+        key_uid = prediction.key_image.sop_instance_uid
+        key_path = next(
+            p for p, s in zip(paths, sources, strict=True) if s.SOPInstanceUID == key_uid
+        )
+        context = ReportContext(
+            station_ae_title=self.settings.dicom.ae_title,
+            device_uid=result_uids(f"device:{self.settings.node_name}").sr_series,
+            software_version=__version__,
+            created=datetime.datetime.now(datetime.UTC),
+        )
+        return list(
+            build_results(
+                sources,
+                dcmread(key_path),
+                prediction,
+                model.card,
+                job.outputs,
+                result_uids(f"job:{job.id}:{job.study_instance_uid}:{job.generation}"),
+                context,
+            )
+        )
+
+    def _record_prediction(self, session: Session, job: Job, prediction: SeriesPrediction) -> None:
+        session.query(Prediction).filter(Prediction.job_id == job.id).delete()
+        for image in prediction.images:
+            session.add(
+                Prediction(
+                    job_id=job.id,
+                    sop_instance_uid=image.sop_instance_uid,
+                    frame_number=image.frame_number,
+                    label=image.label,
+                    probability=image.probabilities[prediction.positive_label],
+                    probabilities=image.probabilities,
+                )
+            )
+
+    def _write_results(self, session: Session, job: Job, datasets: list[Any]) -> list[Result]:
+        results = []
+        for ds in datasets:
+            path = self.spool.result_path(
+                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+            )
+            buffer = BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            self.spool.write(path, buffer.getvalue())
+            kind = result_kind(str(ds.SOPClassUID))
+            values = {
+                "job_id": job.id,
+                "kind": kind,
+                "sop_class_uid": str(ds.SOPClassUID),
+                "series_instance_uid": str(ds.SeriesInstanceUID),
+                "path": str(path),
+            }
+            session.execute(
+                upsert(session, Result)
+                .values(sop_instance_uid=str(ds.SOPInstanceUID), **values)
+                .on_conflict_do_update(index_elements=["sop_instance_uid"], set_=values)
+            )
+            result = session.get(Result, str(ds.SOPInstanceUID))
+            assert result is not None
+            results.append(result)
+        return results

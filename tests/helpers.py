@@ -1,0 +1,110 @@
+"""Helpers shared by the tests: free ports, settings in a temporary folder, test data sets
+and the real DCMTK tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from dicom_ai_node.config import Settings
+
+# DCMTK tools stall ~40 ms per message on loopback without it (delayed ACKs).
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require(tool: str) -> str:
+    """The path of a peer tool; fails (not skips) when missing: `make test` installs it."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed; run `make test`, which installs it")
+    return path
+
+
+def run_tool(
+    *args: str, timeout: float = 60, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run a DCMTK (or other) command line tool with TCP_NODELAY set."""
+    require(args[0])
+    result = subprocess.run(
+        list(args), capture_output=True, text=True, env=DCMTK_ENV, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for a test node: loopback, free port, data under ``tmp_path``, quick timers."""
+    base: dict[str, Any] = {
+        "node_name": "test-node",
+        "dicom": {"bind": "127.0.0.1", "port": 0},
+        "storage": {"data_dir": tmp_path / "var", "min_free_mb": 0},
+        "assemble": {"stable_seconds": 0.3, "poll_seconds": 0.1},
+        "worker": {"poll_seconds": 0.1, "lease_seconds": 10},
+        "dispatch": {"poll_seconds": 0.2, "retry_base_seconds": 0.2, "retry_max_seconds": 1},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return Settings(**base)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy; return its value or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def instance(
+    source: str = "CT_small.dcm",
+    *,
+    study: str | None = None,
+    series: str | None = None,
+    sop: str | None = None,
+    **attributes: Any,
+) -> Dataset:
+    """A copy of one of pydicom's test files with new (or given) UIDs."""
+    path = get_testdata_file(source)
+    assert path is not None, source
+    ds = dcmread(path)
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = series or generate_uid()
+    ds.SOPInstanceUID = sop or generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def write(ds: Dataset, folder: Path) -> Path:
+    """Save a data set as a Part 10 file named after its SOP Instance UID."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
