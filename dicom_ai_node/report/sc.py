@@ -49,12 +49,12 @@ def build_sc(
     WSD ("workstation", C.8.6.1), and references its source image (Source Image
     Sequence, C.7.6.1). Raises ``ValueError`` on inconsistent inputs.
     """
-    check_inputs([key_source], _only_key(prediction), card)
     key = prediction.key_image
-    if key.sop_instance_uid != key_source.SOPInstanceUID:
+    if key.sop_instance_uid != key_source.get("SOPInstanceUID"):
         raise ValueError(
-            f"key_source is {key_source.SOPInstanceUID}, the key image is {key.sop_instance_uid}"
+            f"key_source is {key_source.get('SOPInstanceUID')}, the key image is {key.sop_instance_uid}"
         )
+    check_inputs([key_source], _only_key(prediction), card)
     if "PixelData" not in key_source:
         raise ValueError("key_source has no pixel data")
     pixels = render(

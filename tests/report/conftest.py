@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import shutil
+import subprocess
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -113,6 +115,7 @@ def cr_mono1() -> Dataset:
     shown = np.where(body, 3000, 300) - np.where(lungs, 2200, 0)
     ds.Rows, ds.Columns = shown.shape
     ds.PixelData = (4095 - shown).astype(np.uint16).tobytes()
+    ds["PixelData"].VR = "OW"
     return ds
 
 
@@ -154,6 +157,7 @@ def ct_series() -> list[Dataset]:
         ds.WindowCenter, ds.WindowWidth = -600, 1500
         hu = np.where(body, 0, -1000) - 700 * np.exp(-((y - 40) ** 2 + (x - 60) ** 2) / 200) * body
         ds.PixelData = (hu + 1024).astype(np.int16).tobytes()
+        ds["PixelData"].VR = "OW"
         slices.append(ds)
     return slices
 
@@ -162,3 +166,23 @@ def write(dataset: Dataset, path) -> str:
     """Write ``dataset`` as a PS3.10 file and return its path as a string."""
     dataset.save_as(path, enforce_file_format=True)
     return str(path)
+
+
+PIXELMED_ENV = {
+    "JAVA_TOOL_OPTIONS": "-Djdk.xml.xpathExprOpLimit=0 -Djdk.xml.xpathExprGrpLimit=0 "
+    "-Djdk.xml.xpathTotalOpLimit=0"
+}
+
+
+def tool(name: str) -> str:
+    """Path of a validator binary, or skip the test when it is not installed."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (Debian packages dicom3tools, pixelmed-apps, dcmtk)")
+    return path
+
+
+def dciodvfy_errors(path: str) -> list[str]:
+    """The "Error" lines dciodvfy (dicom3tools) prints for the file."""
+    run = subprocess.run([tool("dciodvfy"), path], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]

@@ -1,0 +1,82 @@
+"""build_results and result_uids: selection, determinism, and pixelmed's SR validator."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+
+import pytest
+
+from dicom_ai_node.report import build_results, result_uids
+
+from .conftest import PIXELMED_ENV, tool, write
+
+SERIES_P = [0.2, 0.7, 0.9, 0.6, 0.1]
+
+
+def _results(ct_series, prediction, card, context, outputs=("sr", "sc", "kos"), seed="job-1"):
+    key = next(ds for ds in ct_series if ds.SOPInstanceUID == prediction.key_image.sop_instance_uid)
+    return build_results(ct_series, key, prediction, card, outputs, result_uids(seed), context)
+
+
+def test_outputs_and_new_series(ct_series, predict, card, context):
+    results = _results(ct_series, predict(ct_series, SERIES_P), card, context)
+    assert [r.Modality for r in results] == ["SR", "OT", "KO"]
+    series = {r.SeriesInstanceUID for r in results}
+    assert len(series) == 3 and not series & {ds.SeriesInstanceUID for ds in ct_series}
+    assert {r.StudyInstanceUID for r in results} == {ct_series[0].StudyInstanceUID}
+    assert [r.SeriesNumber for r in results] == [9100, 9101, 9102]
+
+    negative = _results(ct_series, predict(ct_series, [0.1] * 5), card, context)
+    assert [r.Modality for r in negative] == ["SR", "OT"]  # no KOS for a negative result
+    only_sr = _results(ct_series, predict(ct_series, SERIES_P), card, context, outputs=["sr"])
+    assert [r.Modality for r in only_sr] == ["SR"]
+    with pytest.raises(ValueError, match="unknown outputs"):
+        _results(ct_series, predict(ct_series, SERIES_P), card, context, outputs=["pdf"])
+
+
+def test_same_seed_same_uids_and_bytes(ct_series, predict, card, context):
+    assert result_uids("job-1") == result_uids("job-1")
+    assert result_uids("job-1") != result_uids("job-2")
+    uids = result_uids("job-1")
+    assert len({getattr(uids, f) for f in uids.__dataclass_fields__}) == 6
+
+    def encoded():
+        out = []
+        for dataset in _results(ct_series, predict(ct_series, SERIES_P), card, context):
+            buffer = io.BytesIO()
+            dataset.save_as(buffer, enforce_file_format=True)
+            out.append(buffer.getvalue())
+        return out
+
+    assert encoded() == encoded()
+
+
+def test_pixelmed_validates_sr_and_kos(tmp_path, ct_series, cr_mono1, predict, card, context):
+    """DicomSRValidator on the multi-image SR, the radiograph SR and the KOS, in parallel
+    (one JVM each takes ~10 s). Errors fail; its warnings are listed in docs/results.md."""
+    validator = tool("DicomSRValidator")
+    series = _results(ct_series, predict(ct_series, SERIES_P), card, context, ("sr", "kos"))
+    radiograph = _results([cr_mono1], predict([cr_mono1], [0.8]), card, context, ("sr",))
+    paths = [
+        write(dataset, tmp_path / f"{i}.dcm") for i, dataset in enumerate([*series, *radiograph])
+    ]
+    env = {**os.environ, **PIXELMED_ENV}
+    runs = [
+        subprocess.Popen(
+            [validator, path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        for path in paths
+    ]
+    outputs = [run.communicate(timeout=120)[0] for run in runs]
+    for path, output in zip(paths, outputs, strict=True):
+        assert "IOD validation complete" in output, output
+        errors = [line for line in output.splitlines() if line.startswith("Error")]
+        assert errors == [], f"{path}: {errors}"
+        warnings = [line for line in output.splitlines() if line.startswith("Warning")]
+        # only the qualitative evaluation row, which pixelmed's TID 1501 does not list
+        assert all(
+            'CODE (404684003,SCT,"Clinical finding"): Content Item not in template' in w
+            for w in warnings
+        )
