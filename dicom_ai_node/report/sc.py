@@ -50,10 +50,9 @@ def build_sc(
     Sequence, C.7.6.1). Raises ``ValueError`` on inconsistent inputs.
     """
     key = prediction.key_image
-    if key.sop_instance_uid != key_source.get("SOPInstanceUID"):
-        raise ValueError(
-            f"key_source is {key_source.get('SOPInstanceUID')}, the key image is {key.sop_instance_uid}"
-        )
+    given = key_source.get("SOPInstanceUID")
+    if key.sop_instance_uid != given:
+        raise ValueError(f"key_source is {given}, the key image is {key.sop_instance_uid}")
     check_inputs([key_source], _only_key(prediction), card)
     if "PixelData" not in key_source:
         raise ValueError("key_source has no pixel data")

@@ -150,7 +150,7 @@ def test_invalid_inputs_raise(ct_series, ct_small, predict, card, context):
     with pytest.raises(ValueError, match="2 studies"):
         _sr([*ct_series, ct_small], prediction, card, context)
     other = card.model_copy(update={"version": "9.9"})
-    with pytest.raises(ValueError, match="card is pneumo-cnn 9.9"):
+    with pytest.raises(ValueError, match=r"card is pneumo-cnn 9\.9"):
         _sr(ct_series, prediction, other, context)
     headless = ct_series[0].copy()
     headless.SOPInstanceUID = generate_uid()
