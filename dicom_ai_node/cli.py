@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy import select
 
+from dicom_ai_node import cli_ml
 from dicom_ai_node.config import ConfigError, Settings, load_settings
 
 app = typer.Typer(
@@ -26,6 +27,10 @@ app = typer.Typer(
 )
 jobs_app = typer.Typer(help="Inspect and retry jobs in the job log.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(cli_ml.models_app, name="models")
+app.command("synth")(cli_ml.synth)
+app.command("train")(cli_ml.train)
+app.command("evaluate")(cli_ml.evaluate)
 
 console = Console()
 err = Console(stderr=True)

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydicom import dcmread
 from pydicom.uid import KeyObjectSelectionDocumentStorage
@@ -94,21 +94,29 @@ class Node:
         self.on_job_finished: Callable[[int], None] | None = None
 
     def _load_models(self) -> dict[str, LoadedModel]:
-        from dicom_ai_node.infer.runtime import ModelPackageError, load_models
+        """Load the models the routes name (each once), refusing unknown or broken ones."""
+        from dicom_ai_node.infer.runtime import LoadedModel, ModelPackageError, read_cards
 
-        wanted = {route.model for route in self.settings.routes}
-        if not wanted:
+        if not self.settings.routes:
             return {}
         try:
-            models = load_models(self.settings.models.dirs, names=wanted)
-        except ModelPackageError as exc:
+            cards = read_cards(self.settings.models.dirs)
+        except (ModelPackageError, OSError, ValueError) as exc:
             raise ConfigError(f"models: {exc}") from None
         for i, route in enumerate(self.settings.routes):
-            if route.model not in models:
+            if route.model not in cards:
                 raise ConfigError(
                     f"routes[{i}].model: no model package named {route.model!r} "
-                    f"(found: {', '.join(sorted(models)) or 'none'})"
+                    f"(found: {', '.join(sorted(cards)) or 'none'})"
                 )
+        models = {}
+        for name in sorted({route.model for route in self.settings.routes}):
+            package, card = cards[name]
+            try:
+                models[name] = LoadedModel(package, card=card)
+            except ModelPackageError as exc:
+                raise ConfigError(f"models: {exc}") from None
+            log.info("model %s %s loaded from %s", card.name, card.version, package)
         return models
 
     # --- start and stop --------------------------------------------------------------------
@@ -250,7 +258,7 @@ class Node:
     def _report(
         self, job: Job, model: LoadedModel, paths: list[Path], prediction: SeriesPrediction
     ) -> list[Any]:
-        from dicom_ai_node.report import ReportContext, build_results, result_uids
+        from dicom_ai_node.report import Output, ReportContext, build_results, result_uids
 
         if not job.outputs:
             return []
@@ -271,7 +279,7 @@ class Node:
                 dcmread(key_path),
                 prediction,
                 model.card,
-                job.outputs,
+                [cast(Output, output) for output in job.outputs],
                 result_uids(f"job:{job.id}:{job.study_instance_uid}:{job.generation}"),
                 context,
             )

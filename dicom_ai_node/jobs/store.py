@@ -4,20 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import Connection, insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from dicom_ai_node.jobs.models import Event
 
 
-def upsert(session: Session, model: type[Any]) -> Any:
+def upsert_for(dialect: str, model: type[Any]) -> Any:
     """The dialect's INSERT that supports ON CONFLICT (SQLite and PostgreSQL alike)."""
-    dialect = session.get_bind().dialect.name
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
 
 
+def upsert(session: Session, model: type[Any]) -> Any:
+    """:func:`upsert_for` the dialect of ``session``."""
+    return upsert_for(session.get_bind().dialect.name, model)
+
+
 def add_event(
-    session: Session,
+    session: Session | Connection,
     kind: str,
     message: str = "",
     *,
@@ -28,8 +33,8 @@ def add_event(
     **data: Any,
 ) -> None:
     """Append one event to the log (in the caller's transaction)."""
-    session.add(
-        Event(
+    session.execute(
+        insert(Event).values(
             kind=kind,
             message=message,
             job_id=job_id,

@@ -6,15 +6,25 @@ transaction.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import case, select, update
+from sqlalchemy import Connection, bindparam, case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_ai_node.jobs.models import Association, Instance, Series, SeriesState, Study, utcnow
-from dicom_ai_node.jobs.store import add_event, upsert
+from dicom_ai_node.jobs.models import (
+    Association,
+    Instance,
+    Series,
+    SeriesState,
+    Study,
+    UTCDateTime,
+    utcnow,
+)
+from dicom_ai_node.jobs.store import add_event, upsert_for
 from dicom_ai_node.receive.header import InstanceHeader, UnreadableInstanceError, read_header
 from dicom_ai_node.spool import Spool
 
@@ -30,8 +40,112 @@ class Recorded:
     generation: int
 
 
+@dataclass(frozen=True)
+class _Statements:
+    existing: Any
+    study: Any
+    series: Any
+    series_left: Any
+    instance: Any
+    association: Any
+
+
+def _reopened(model: Any) -> dict[str, Any]:
+    """SET clauses for a row that receives an instance: receiving again, a new generation
+    if it was complete."""
+    return {
+        "state": SeriesState.RECEIVING.value,
+        "last_received_at": bindparam("now", type_=UTCDateTime()),
+        "generation": case(
+            (model.state == SeriesState.COMPLETE.value, model.generation + 1),
+            else_=model.generation,
+        ),
+    }
+
+
+@functools.cache
+def _statements(dialect: str) -> _Statements:
+    """The statements of :func:`record_instance`, built once per dialect: they run for every
+    instance received, and building and compiling them anew each time costs more than
+    executing them."""
+    study = upsert_for(dialect, Study).values(
+        study_instance_uid=bindparam("study"),
+        patient_id=bindparam("patient_id"),
+        accession_number=bindparam("accession_number"),
+        study_date=bindparam("study_date"),
+        study_description=bindparam("study_description"),
+        state=SeriesState.RECEIVING.value,
+        generation=0,
+        first_received_at=bindparam("now"),
+        last_received_at=bindparam("now"),
+    )
+    series = upsert_for(dialect, Series).values(
+        series_instance_uid=bindparam("series"),
+        study_instance_uid=bindparam("study"),
+        modality=bindparam("modality"),
+        attributes=bindparam("attributes"),
+        calling_ae_title=bindparam("calling"),
+        instance_count=1,
+        state=SeriesState.RECEIVING.value,
+        generation=0,
+        first_received_at=bindparam("now"),
+        last_received_at=bindparam("now"),
+    )
+    instance_columns = (
+        "series_instance_uid",
+        "study_instance_uid",
+        "sop_class_uid",
+        "transfer_syntax_uid",
+        "instance_number",
+        "path",
+        "size",
+        "association_id",
+        "received_at",
+        "generation",
+    )
+    instance = upsert_for(dialect, Instance).values(
+        sop_instance_uid=bindparam("sop"),
+        series_instance_uid=bindparam("series"),
+        study_instance_uid=bindparam("study"),
+        sop_class_uid=bindparam("sop_class"),
+        transfer_syntax_uid=bindparam("transfer_syntax"),
+        instance_number=bindparam("instance_number"),
+        path=bindparam("path"),
+        size=bindparam("size"),
+        association_id=bindparam("association"),
+        received_at=bindparam("now"),
+        generation=bindparam("generation"),
+    )
+    return _Statements(
+        existing=select(Instance.series_instance_uid, Instance.path).where(
+            Instance.sop_instance_uid == bindparam("sop")
+        ),
+        study=study.on_conflict_do_update(
+            index_elements=["study_instance_uid"], set_=_reopened(Study)
+        ),
+        series=series.on_conflict_do_update(
+            index_elements=["series_instance_uid"],
+            set_={
+                **_reopened(Series),
+                "instance_count": Series.instance_count + bindparam("added"),
+                "completed_at": None,
+            },
+        ).returning(Series.generation),
+        series_left=update(Series)
+        .where(Series.series_instance_uid == bindparam("old_series"))
+        .values(instance_count=Series.instance_count - 1),
+        instance=instance.on_conflict_do_update(
+            index_elements=["sop_instance_uid"],
+            set_={name: getattr(instance.excluded, name) for name in instance_columns},
+        ),
+        association=update(Association)
+        .where(Association.id == bindparam("association"))
+        .values(instances=Association.instances + 1),
+    )
+
+
 def record_instance(
-    session: Session,
+    connection: Connection,
     header: InstanceHeader,
     path: str,
     size: int,
@@ -39,103 +153,64 @@ def record_instance(
     calling_ae_title: str,
     now: datetime | None = None,
 ) -> Recorded:
-    """Record a received instance and update its series and study.
+    """Record a received instance and update its series and study (in the caller's
+    transaction).
 
     Duplicates (same SOP Instance UID) replace the earlier copy: the newest file wins, the
     instance is counted once. An instance arriving for a series or study already complete
     reopens it with a new ``generation``, so it is assembled and routed again (a follow-up
     job), rather than being folded silently into a finished job.
     """
+    sql = _statements(connection.dialect.name)
     now = now or utcnow()
-    existing = session.get(Instance, header.sop_instance_uid)
+    existing = connection.execute(sql.existing, {"sop": header.sop_instance_uid}).first()
     moved = existing is not None and existing.series_instance_uid != header.series_instance_uid
-    new_in_series = existing is None or moved
-
-    reopen = {
-        "state": SeriesState.RECEIVING.value,
-        "last_received_at": now,
+    params = {
+        "now": now,
+        "study": header.study_instance_uid,
+        "series": header.series_instance_uid,
+        "sop": header.sop_instance_uid,
+        "association": association_id,
     }
-    study_stmt = upsert(session, Study).values(
-        study_instance_uid=header.study_instance_uid,
-        patient_id=header.patient_id,
-        accession_number=header.accession_number,
-        study_date=header.study_date,
-        study_description=header.study_description,
-        state=SeriesState.RECEIVING.value,
-        generation=0,
-        first_received_at=now,
-        last_received_at=now,
+    connection.execute(
+        sql.study,
+        {
+            **params,
+            "patient_id": header.patient_id,
+            "accession_number": header.accession_number,
+            "study_date": header.study_date,
+            "study_description": header.study_description,
+        },
     )
-    session.execute(
-        study_stmt.on_conflict_do_update(
-            index_elements=["study_instance_uid"],
-            set_={
-                **reopen,
-                "generation": case(
-                    (Study.state == SeriesState.COMPLETE.value, Study.generation + 1),
-                    else_=Study.generation,
-                ),
-            },
-        )
-    )
-    series_stmt = upsert(session, Series).values(
-        series_instance_uid=header.series_instance_uid,
-        study_instance_uid=header.study_instance_uid,
-        modality=header.modality[:16],
-        attributes=header.attributes,
-        calling_ae_title=calling_ae_title,
-        instance_count=1,
-        state=SeriesState.RECEIVING.value,
-        generation=0,
-        first_received_at=now,
-        last_received_at=now,
-    )
-    generation: int = session.execute(
-        series_stmt.on_conflict_do_update(
-            index_elements=["series_instance_uid"],
-            set_={
-                **reopen,
-                "instance_count": Series.instance_count + (1 if new_in_series else 0),
-                "generation": case(
-                    (Series.state == SeriesState.COMPLETE.value, Series.generation + 1),
-                    else_=Series.generation,
-                ),
-                "completed_at": None,
-            },
-        ).returning(Series.generation)
+    generation: int = connection.execute(
+        sql.series,
+        {
+            **params,
+            "modality": header.modality[:16],
+            "attributes": header.attributes,
+            "calling": calling_ae_title,
+            "added": 1 if existing is None or moved else 0,
+        },
     ).scalar_one()
     if moved and existing is not None:
-        session.execute(
-            update(Series)
-            .where(Series.series_instance_uid == existing.series_instance_uid)
-            .values(instance_count=Series.instance_count - 1)
-        )
-    values = {
-        "series_instance_uid": header.series_instance_uid,
-        "study_instance_uid": header.study_instance_uid,
-        "sop_class_uid": header.sop_class_uid,
-        "transfer_syntax_uid": header.transfer_syntax_uid,
-        "instance_number": header.instance_number,
-        "path": path,
-        "size": size,
-        "association_id": association_id,
-        "received_at": now,
-        "generation": generation,
-    }
-    session.execute(
-        upsert(session, Instance)
-        .values(sop_instance_uid=header.sop_instance_uid, **values)
-        .on_conflict_do_update(index_elements=["sop_instance_uid"], set_=values)
+        connection.execute(sql.series_left, {"old_series": existing.series_instance_uid})
+    connection.execute(
+        sql.instance,
+        {
+            **params,
+            "sop_class": header.sop_class_uid,
+            "transfer_syntax": header.transfer_syntax_uid,
+            "instance_number": header.instance_number,
+            "path": path,
+            "size": size,
+            "generation": generation,
+        },
     )
     if association_id is not None:
-        session.execute(
-            update(Association)
-            .where(Association.id == association_id)
-            .values(instances=Association.instances + 1)
-        )
+        connection.execute(sql.association, params)
     if existing is not None:
         add_event(
-            session,
+            connection,
             "duplicate_instance",
             f"SOP Instance {header.sop_instance_uid} received again; the new copy replaces "
             "the earlier one",
@@ -208,7 +283,7 @@ def reindex(sessions: sessionmaker[Session], spool: Spool) -> int:
             log.error("spool file %s is not usable: %s", path, exc)
             continue
         with sessions.begin() as session:
-            record_instance(session, header, str(path), len(data), None, "")
+            record_instance(session.connection(), header, str(path), len(data), None, "")
             add_event(
                 session,
                 "reindexed",

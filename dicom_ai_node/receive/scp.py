@@ -31,6 +31,7 @@ from pynetdicom import (
 )
 from pynetdicom.association import Association as PynetdicomAssociation
 from pynetdicom.dimse_primitives import C_STORE
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DicomSettings
@@ -103,11 +104,16 @@ class StorageSCP:
         self.settings = settings
         self.spool = spool
         self.sessions = sessions
+        engine = sessions.kw["bind"]
+        assert isinstance(engine, Engine)
+        self.engine = engine
         self.node_name = node_name
         self.min_free_bytes = min_free_bytes
         self.extra_keywords = extra_keywords
         self.on_stored = on_stored
         self._associations: dict[int, _AssociationInfo] = {}
+        self._space_ok = True
+        self._space_checked_at = -1e9
         self._lock = threading.Lock()
         self._server: Any = None
         self.ae = self._make_ae()
@@ -267,6 +273,17 @@ class StorageSCP:
                 info.failed += 1
         return status
 
+    def _space_left(self) -> bool:
+        """Whether the spool has more free space than the floor (checked at most once a
+        second: a statvfs per instance costs more than the rest of the handler's checks)."""
+        if not self.min_free_bytes:
+            return True
+        now = time.monotonic()
+        if now - self._space_checked_at > 1.0:
+            self._space_ok = self.spool.free_bytes() >= self.min_free_bytes
+            self._space_checked_at = now
+        return self._space_ok
+
     def _store(self, event: evt.Event, info: _AssociationInfo | None) -> int | Dataset:
         association_id = info.id if info else None
         calling = info.calling_ae_title if info else ""
@@ -289,7 +306,7 @@ class StorageSCP:
             reason = "SOP Class UID differs from the request's Affected SOP Class UID"
             log.warning("association %s: refused an instance: %s", association_id, reason)
             return _status(STATUS_SOP_CLASS_MISMATCH, reason)
-        if self.min_free_bytes and self.spool.free_bytes() < self.min_free_bytes:
+        if not self._space_left():
             log.error("spool disk below its free-space floor: refusing instances (0xA700)")
             return _status(STATUS_OUT_OF_RESOURCES, "node storage is full")
         try:
@@ -305,9 +322,9 @@ class StorageSCP:
             log.error("association %s: cannot write %s: %s", association_id, path, exc)
             return _status(STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}")
         try:
-            with self.sessions.begin() as session:
+            with self.engine.begin() as connection:
                 recorded = record_instance(
-                    session, header, str(path), len(encoded), association_id, calling
+                    connection, header, str(path), len(encoded), association_id, calling
                 )
         except Exception as exc:
             log.exception("association %s: cannot record an instance", association_id)
