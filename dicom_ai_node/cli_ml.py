@@ -370,7 +370,7 @@ def evaluate(
 
 def _print_report(report: dict[str, Any]) -> None:
     table = Table(
-        title=f"{report['model']} on {report['cases']} {report['level']}s "
+        title=f"{report['model']}: {report['cases']} {report['level']}-level cases "
         f"({report['positives']} positive)"
     )
     for column in ("metric", "value", "95% CI"):

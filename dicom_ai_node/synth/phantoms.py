@@ -88,7 +88,7 @@ def chest_radiograph(rng: np.random.Generator, size: int, opacity: bool) -> Floa
             cy, cx = rng.uniform(-0.35, 0.3), side * rng.uniform(0.25, 0.48)
             ry, rx = rng.uniform(0.12, 0.24), rng.uniform(0.1, 0.17)
             blob = np.exp(-_ellipse(yy, xx, cy, cx, ry, rx) * 1.5)
-            image = image + rng.uniform(0.25, 0.4) * blob * _blur(lungs.astype(float), 3)
+            image = image + rng.uniform(0.3, 0.45) * blob * _blur(lungs.astype(float), 3)
 
     image = _blur(image, 1.2 * px * size / 256)
     image = image + rng.normal(0.0, 0.008, image.shape)

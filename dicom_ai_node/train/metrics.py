@@ -94,6 +94,20 @@ def roc_points(truth: Truth, scores: Scores) -> tuple[Scores, Scores]:
     return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos]
 
 
+def youden_threshold(truth: Truth, scores: Scores) -> float:
+    """The threshold maximising sensitivity + specificity - 1 (Youden's J), placed midway
+    between neighbouring scores; among equal J the one nearest 0.5."""
+    values = np.unique(scores)
+    candidates = [float(t) for t in np.r_[(values[:-1] + values[1:]) / 2, 0.5]]
+
+    def youden(threshold: float) -> tuple[float, float]:
+        c = confusion(truth, scores, threshold)
+        j = c["tp"] / max(c["tp"] + c["fn"], 1) + c["tn"] / max(c["tn"] + c["fp"], 1)
+        return j, -abs(threshold - 0.5)
+
+    return max(candidates, key=youden)
+
+
 def build_report(
     truth: Sequence[int],
     scores: Sequence[float],

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dicom_ai_node.infer.card import InputSpec
+from dicom_ai_node.infer.runtime import configure_tensorflow
 
 if TYPE_CHECKING:
     import keras
@@ -19,6 +20,7 @@ EXPLAIN_LAYER = "explain_conv"
 
 def build_classifier(input_spec: InputSpec, labels: int, *, filters: int = 16) -> keras.Model:
     """Four conv blocks (``filters`` doubling to 8x), GAP, dropout, dense logits, softmax."""
+    configure_tensorflow()
     import keras
 
     inputs = keras.Input((input_spec.height, input_spec.width, input_spec.channels), name="image")

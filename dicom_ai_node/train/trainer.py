@@ -2,7 +2,8 @@
 
 Training: class-weighted softmax cross-entropy (weights inversely proportional to class
 frequency), light augmentation (shift, zoom, horizontal flip), Adam, early stopping on the
-validation loss with the best weights restored. The package written is loaded back through the
+validation loss with the best weights restored, and the card's threshold set where the
+validation split's sensitivity + specificity is highest (Youden's J). The package written is loaded back through the
 runtime (which checks the card against the weights) and evaluated on the held-out test split,
 so the report describes exactly what the node will run.
 """
@@ -21,7 +22,7 @@ from pydicom.misc import is_dicom
 from dicom_ai_node.infer.card import ModelCard
 from dicom_ai_node.infer.runtime import LoadedModel, configure_tensorflow
 from dicom_ai_node.train.data import Samples, Splits, class_files
-from dicom_ai_node.train.metrics import build_report, write_report
+from dicom_ai_node.train.metrics import build_report, write_report, youden_threshold
 from dicom_ai_node.train.model import EXPLAIN_LAYER, build_classifier
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def train_package(
     batch_size: int = 32,
     seed: int = 0,
     patience: int = 4,
-    learning_rate: float = 2e-3,
+    learning_rate: float = 1e-3,
     filters: int = 8,
     on_progress: ProgressHook | None = None,
 ) -> Path:
@@ -95,6 +96,12 @@ def train_package(
     clean.set_weights(model.get_weights())
     clean.save(package / "model.keras")
     card.dump(package / "model.toml")
+    # Operating point chosen on the validation split, never on the test split.
+    val_scores = score_samples(LoadedModel(package, card=card), splits.val)
+    threshold = youden_threshold(
+        np.array(positive_truth(card, splits.val.labels), dtype=np.int64), val_scores
+    )
+    card.model_copy(update={"threshold": round(threshold, 4)}).dump(package / "model.toml")
     return package
 
 
