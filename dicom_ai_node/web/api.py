@@ -1,0 +1,203 @@
+"""The JSON API: jobs, the triage worklist, destinations, result images, health, metrics.
+
+Every ``/api`` route needs the token (see :mod:`.auth`); ``/healthz`` and ``/metrics`` are
+open, for load balancers and Prometheus, and carry no patient data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_ai_node.config import DestinationSettings
+from dicom_ai_node.dispatch.deliveries import resend
+from dicom_ai_node.jobs.models import Job, JobState, Result
+from dicom_ai_node.jobs.queue import retry
+from dicom_ai_node.web import queries
+from dicom_ai_node.web.images import dicom_to_png
+from dicom_ai_node.web.metrics import NodeMetrics
+
+StateName = Literal[
+    "queued", "running", "delivering", "done", "failed", "failed_to_deliver", "skipped"
+]
+
+
+@dataclass(frozen=True)
+class WebContext:
+    """What the routes read: the job log, the node's health and metrics, its destinations."""
+
+    sessions: sessionmaker[Session]
+    health: Callable[[], list[str]]
+    metrics: NodeMetrics
+    destinations: Sequence[DestinationSettings]
+    node_name: str
+
+    def destination_status(self, session: Session) -> list[queries.DestinationStatus]:
+        configured = [(d.name, f"{d.ae_title}@{d.host}:{d.port}") for d in self.destinations]
+        return queries.destinations(session, configured)
+
+    def problems(self) -> list[str]:
+        """The health check's problems; a check that raises is a problem too."""
+        try:
+            return self.health()
+        except Exception as exc:
+            return [f"health check failed: {type(exc).__name__}: {exc}"]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    problems: list[str]
+
+
+class RetryOutcome(BaseModel):
+    job_id: int
+    action: Literal["requeued", "resend"]
+    deliveries: int
+    state: str
+
+
+def retry_job(session: Session, job_id: int) -> RetryOutcome:
+    """What ``dicom-ai-node jobs retry`` does: re-send the failed deliveries of a job that
+    failed to deliver, else run the job again. Raises ``LookupError`` for an unknown job and
+    ``ValueError`` for one that cannot be retried now."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise LookupError(f"no job {job_id}")
+    if job.state == JobState.FAILED_TO_DELIVER.value:
+        count = resend(session, job_id)
+        session.refresh(job)
+        return RetryOutcome(job_id=job_id, action="resend", deliveries=count, state=job.state)
+    job = retry(session, job_id)
+    return RetryOutcome(job_id=job_id, action="requeued", deliveries=0, state=job.state)
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    """A query's timestamp; one without a zone is taken as UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+def api_router(ctx: WebContext) -> APIRouter:
+    """The ``/api`` routes (the caller adds the token check)."""
+    router = APIRouter(prefix="/api", tags=["api"])
+
+    @router.get("/jobs", response_model=queries.JobPage)
+    def list_jobs(
+        state: Annotated[list[StateName] | None, Query(description="Any of these states")] = None,
+        model: str | None = None,
+        label: str | None = None,
+        positive: bool | None = None,
+        since: Annotated[datetime | None, Query(description="Created at or after")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> queries.JobPage:
+        """Jobs, newest first, filtered and paged; with patient ID, accession number and the
+        delivery status per destination."""
+        where = queries.JobFilter(
+            states=list(state) if state else None,
+            model=model,
+            label=label,
+            positive=positive,
+            since=as_utc(since),
+        )
+        with ctx.sessions() as session:
+            return queries.list_jobs(session, where, limit, offset)
+
+    @router.get("/jobs/{job_id}", response_model=queries.JobDetail)
+    def get_job(job_id: int) -> queries.JobDetail:
+        """One job with its results, notifications and event history."""
+        with ctx.sessions() as session:
+            job = queries.get_job(session, job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job
+
+    @router.post(
+        "/jobs/{job_id}/retry",
+        response_model=RetryOutcome,
+        responses={404: {"description": "No such job"}, 409: {"description": "Not retryable"}},
+    )
+    def retry_endpoint(job_id: int) -> RetryOutcome:
+        """Re-send a job's failed deliveries (``failed_to_deliver``) or run it again."""
+        try:
+            with ctx.sessions.begin() as session:
+                return retry_job(session, job_id)
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from None
+        except ValueError as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    @router.get("/worklist", response_model=list[queries.WorklistItem])
+    def get_worklist(
+        since: Annotated[datetime | None, Query(description="Created at or after")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[queries.WorklistItem]:
+        """Triage order: positive findings (most probable, most urgent first), then pending
+        jobs, then failed ones, then negative ones; skipped series are left out."""
+        with ctx.sessions() as session:
+            return queries.worklist(session, as_utc(since), limit)
+
+    @router.get("/destinations", response_model=list[queries.DestinationStatus])
+    def get_destinations() -> list[queries.DestinationStatus]:
+        """Each destination with its deliveries and its last success and failure."""
+        with ctx.sessions() as session:
+            return ctx.destination_status(session)
+
+    @router.get("/queue", response_model=queries.QueueDepth)
+    def get_queue() -> queries.QueueDepth:
+        """Work waiting: jobs queued and running, deliveries and notifications pending."""
+        with ctx.sessions() as session:
+            return queries.queue_depth(session)
+
+    @router.get(
+        "/results/{sop_instance_uid}/image.png",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}, 404: {"description": "No such image"}},
+    )
+    def result_image(sop_instance_uid: str) -> Response:
+        """A result image (the Secondary Capture) rendered as PNG."""
+        with ctx.sessions() as session:
+            result = session.get(Result, sop_instance_uid)
+        if result is None or result.kind != "sc":
+            raise HTTPException(404, f"no result image {sop_instance_uid}")
+        try:
+            png = dicom_to_png(Path(result.path))
+        except FileNotFoundError:
+            raise HTTPException(404, f"the file of {sop_instance_uid} is gone") from None
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private"})
+
+    return router
+
+
+def public_router(ctx: WebContext) -> APIRouter:
+    """``/healthz`` and ``/metrics``: no token, no patient data."""
+    router = APIRouter(tags=["operations"])
+
+    @router.get(
+        "/healthz",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "Not ready, with the reasons"}},
+    )
+    def healthz() -> JSONResponse:
+        """200 when the DICOM listener listens, the job log answers and the models are
+        loaded; 503 with the problems otherwise."""
+        problems = ctx.problems()
+        health = Health(status="unavailable" if problems else "ok", problems=problems)
+        return JSONResponse(health.model_dump(), status_code=503 if problems else 200)
+
+    @router.get("/metrics", response_class=Response)
+    def metrics() -> Response:
+        """Prometheus metrics (text exposition format)."""
+        return Response(ctx.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return router

@@ -1,0 +1,199 @@
+"""The dashboard: server-rendered pages for the radiologists' triage and the operators.
+
+Jinja2 templates shipped in the package (``templates/``), inline CSS, no script beyond a
+meta refresh: it works offline, behind any proxy, in any browser a hospital has.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from dicom_ai_node.jobs.models import JobState
+from dicom_ai_node.web import queries
+from dicom_ai_node.web.api import StateName, WebContext, retry_job
+
+PAGE_SIZE = 50
+WORKLIST_HOURS = (12, 24, 72, 168)
+
+
+def when(moment: datetime | None) -> str:
+    """A timestamp in the server's local time, to the second."""
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else ""
+
+
+def ago(moment: datetime | None) -> str:
+    """How long ago, compactly: ``45 s``, ``12 min``, ``3 h 05``, ``2 d``."""
+    if moment is None:
+        return ""
+    seconds = int((datetime.now(UTC) - moment).total_seconds())
+    if seconds < 60:
+        return f"{max(seconds, 0)} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d}"
+    return f"{seconds // 86400} d"
+
+
+def percent(probability: float | None) -> str:
+    return "" if probability is None else f"{probability:.0%}"
+
+
+def templates() -> Jinja2Templates:
+    env = Environment(
+        loader=PackageLoader("dicom_ai_node.web", "templates"),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(when=when, ago=ago, percent=percent)
+    env.globals["timezone"] = datetime.now().astimezone().tzname()
+    return Jinja2Templates(env=env)
+
+
+def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
+    """The HTML pages (the caller adds the token check)."""
+    router = APIRouter(include_in_schema=False)
+    pages = templates()
+
+    def render(request: Request, name: str, refresh: bool, **values: Any) -> HTMLResponse:
+        with ctx.sessions() as session:
+            depth = queries.queue_depth(session)
+        return pages.TemplateResponse(
+            request,
+            name,
+            {
+                "node_name": ctx.node_name,
+                "depth": depth,
+                "refresh": refresh_seconds if refresh else None,
+                "now": datetime.now(UTC),
+                **values,
+            },
+        )
+
+    @router.get("/", response_class=HTMLResponse)
+    def worklist_page(request: Request, hours: int = 24) -> HTMLResponse:
+        since = datetime.now(UTC) - timedelta(hours=hours)
+        with ctx.sessions() as session:
+            items = queries.worklist(session, since, limit=200)
+            destinations = ctx.destination_status(session)
+        return render(
+            request,
+            "worklist.html",
+            True,
+            items=items,
+            destinations=destinations,
+            hours=hours,
+            choices=WORKLIST_HOURS,
+            counts={t: sum(i.triage == t for i in items) for t in queries.TRIAGE_ORDER},
+        )
+
+    @router.get("/jobs", response_class=HTMLResponse)
+    def jobs_page(
+        request: Request,
+        state: Annotated[list[StateName] | None, Query()] = None,
+        model: str = "",
+        label: str = "",
+        since: str = "",
+        page: Annotated[int, Query(ge=1)] = 1,
+    ) -> HTMLResponse:
+        start = _parse_date(since)
+        where = queries.JobFilter(
+            states=list(state) if state else None,
+            model=model or None,
+            label=label or None,
+            since=start,
+        )
+        with ctx.sessions() as session:
+            found = queries.list_jobs(session, where, PAGE_SIZE, (page - 1) * PAGE_SIZE)
+            models = queries.distinct_values(session, "model")
+            labels = queries.distinct_values(session, "label")
+        filters = {"state": state or [], "model": model, "label": label, "since": since}
+
+        def page_link(number: int) -> str:
+            return "/jobs?" + urlencode({**filters, "page": number}, doseq=True)
+
+        return render(
+            request,
+            "jobs.html",
+            True,
+            found=found,
+            filters=filters,
+            states=[s.value for s in JobState],
+            models=models,
+            labels=labels,
+            page=page,
+            pages=max(1, -(-found.total // PAGE_SIZE)),
+            page_link=page_link,
+            bad_since=bool(since) and start is None,
+        )
+
+    @router.get("/jobs/{job_id}", response_class=HTMLResponse)
+    def job_page(request: Request, job_id: int, retried: str = "") -> Response:
+        with ctx.sessions() as session:
+            job = queries.get_job(session, job_id)
+        if job is None:
+            return render(request, "missing.html", False, what=f"job {job_id}")
+        return render(
+            request,
+            "job.html",
+            job.state in queries.PENDING_STATES or job.state == JobState.DELIVERING.value,
+            job=job,
+            sc=[r for r in job.results if r.kind == "sc"],
+            retryable=job.state not in (*queries.PENDING_STATES, JobState.SKIPPED.value),
+            retried=retried,
+        )
+
+    @router.post("/jobs/{job_id}/retry")
+    def retry_form(job_id: int) -> RedirectResponse:
+        try:
+            with ctx.sessions.begin() as session:
+                outcome = retry_job(session, job_id)
+            message = (
+                f"{outcome.deliveries} deliveries queued again"
+                if outcome.action == "resend"
+                else "queued again"
+            )
+        except (LookupError, ValueError) as exc:
+            message = str(exc)
+        return RedirectResponse(
+            f"/jobs/{job_id}?{urlencode({'retried': message})}", status_code=303
+        )
+
+    @router.get("/destinations", response_class=HTMLResponse)
+    def destinations_page(request: Request) -> HTMLResponse:
+        with ctx.sessions() as session:
+            destinations = ctx.destination_status(session)
+        return render(
+            request,
+            "destinations.html",
+            True,
+            destinations=destinations,
+            problems=ctx.problems(),
+        )
+
+    return router
+
+
+def login_page(reason: str, status: int) -> HTMLResponse:
+    """The page a browser without a valid token sees: a token field, no patient data."""
+    page = templates().get_template("login.html").render(reason=reason)
+    return HTMLResponse(page, status_code=status)
+
+
+def _parse_date(text: str) -> datetime | None:
+    """``YYYY-MM-DD`` or an ISO timestamp, in local time unless it names a zone."""
+    try:
+        moment = datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+    if moment is not None and moment.tzinfo is None:
+        moment = moment.astimezone()
+    return moment

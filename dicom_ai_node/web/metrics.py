@@ -1,0 +1,162 @@
+"""Prometheus metrics of one node, in a registry of its own.
+
+Counters and histograms are fed by the node's stages through :class:`NodeMetrics` methods;
+job and queue gauges are read from the job log at scrape time (so they are right whichever
+process or host did the work). A registry per node lets several nodes run in one process
+(tests) without clashing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_ai_node.web.queries import jobs_by_state, queue_depth
+
+log = logging.getLogger(__name__)
+
+PREFIX = "dicom_ai_node"
+# Seconds: a CNN on a CPU takes from tens of milliseconds to a minute for a large series.
+_INFERENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Seconds from the last instance received to the results written or delivered.
+_END_TO_END_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class _JobLogCollector(Collector):
+    """Jobs by state and queue depths, counted in the job log at each scrape."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(f"{PREFIX}_database_up", "1 if the job log answered the scrape")
+        try:
+            with self.sessions() as session:
+                states = jobs_by_state(session)
+                depth = queue_depth(session)
+        except SQLAlchemyError:
+            log.warning("metrics: the job log did not answer", exc_info=True)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        jobs = GaugeMetricFamily(f"{PREFIX}_jobs", "Jobs in the job log by state", labels=["state"])
+        for state, count in states.items():
+            jobs.add_metric([state], count)
+        yield jobs
+        yield GaugeMetricFamily(
+            f"{PREFIX}_queue_depth", "Jobs queued or running", value=depth.queued + depth.running
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_deliveries_pending",
+            "Result deliveries waiting to be sent",
+            value=depth.deliveries_pending,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_notifications_pending",
+            "Webhook notifications waiting to be sent",
+            value=depth.notifications_pending,
+        )
+
+
+class NodeMetrics:
+    """The metrics of one node; the stages call the methods, ``/metrics`` exposes them."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_JobLogCollector(sessions))
+        self._instances = Counter(
+            f"{PREFIX}_instances_received",
+            "Instances received by C-STORE, by calling AE title and response status",
+            ["calling_aet", "status"],
+            registry=self.registry,
+        )
+        self._bytes = Counter(
+            f"{PREFIX}_received_bytes", "Bytes of instances received", registry=self.registry
+        )
+        self._associations_active = Gauge(
+            f"{PREFIX}_associations_active", "DICOM associations open now", registry=self.registry
+        )
+        self._associations = Counter(
+            f"{PREFIX}_associations", "DICOM associations accepted", registry=self.registry
+        )
+        self._associations_rejected = Counter(
+            f"{PREFIX}_associations_rejected",
+            "DICOM association requests rejected",
+            registry=self.registry,
+        )
+        self._inference = Histogram(
+            f"{PREFIX}_inference_seconds",
+            "Inference time of one job, by model",
+            ["model"],
+            buckets=_INFERENCE_BUCKETS,
+            registry=self.registry,
+        )
+        self._end_to_end = Histogram(
+            f"{PREFIX}_end_to_end_seconds",
+            "From the last instance of a job received to its results written or delivered",
+            ["stage"],
+            buckets=_END_TO_END_BUCKETS,
+            registry=self.registry,
+        )
+        self._dispatch_attempts = Counter(
+            f"{PREFIX}_dispatch_attempts",
+            "C-STORE attempts of results, by destination",
+            ["destination"],
+            registry=self.registry,
+        )
+        self._dispatch_failures = Counter(
+            f"{PREFIX}_dispatch_failures",
+            "Failed C-STORE attempts of results, by destination",
+            ["destination"],
+            registry=self.registry,
+        )
+        self._notifications = Counter(
+            f"{PREFIX}_notification_attempts",
+            "Webhook POST attempts, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+
+    def instance_received(self, calling_aet: str, status: int, nbytes: int) -> None:
+        """One C-STORE request answered with ``status`` (0 = success); ``nbytes`` stored."""
+        self._instances.labels(calling_aet, f"0x{status:04X}").inc()
+        self._bytes.inc(nbytes)
+
+    def association_opened(self) -> None:
+        self._associations.inc()
+        self._associations_active.inc()
+
+    def association_closed(self) -> None:
+        """An accepted association ended (released, aborted or timed out)."""
+        self._associations_active.dec()
+
+    def association_rejected(self) -> None:
+        self._associations_rejected.inc()
+
+    def inference_seconds(self, model: str, seconds: float) -> None:
+        self._inference.labels(model).observe(seconds)
+
+    def end_to_end_seconds(self, seconds: float, stage: str = "written") -> None:
+        """Latency from the last instance received: ``stage`` is ``written`` (results in the
+        outbox) or ``delivered`` (all results sent)."""
+        self._end_to_end.labels(stage).observe(seconds)
+
+    def dispatch_attempt(self, destination: str, ok: bool) -> None:
+        self._dispatch_attempts.labels(destination).inc()
+        if not ok:
+            self._dispatch_failures.labels(destination).inc()
+
+    def notification_attempt(self, ok: bool) -> None:
+        self._notifications.labels("sent" if ok else "failed").inc()
+
+    def exposition(self) -> bytes:
+        """The metrics in the Prometheus text format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,318 @@
+"""Webhook notifications of positive findings and failures, crash-safe through the job log.
+
+The :class:`Notifier` reads the event log past a per-webhook cursor and turns the events
+that matter into rows of an outbox (``notifications``), moving the cursor in the same
+transaction; a sender then POSTs the due rows and records each attempt in the row and in the
+job's events, retrying with exponential backoff. A restart therefore loses nothing (the
+outbox and cursor are committed before anything is sent) and queues nothing twice (the
+cursor, and a unique key per webhook and message). A POST whose answer was lost to a crash
+is sent again: receivers should de-duplicate on the ``key`` of the body (also sent as the
+``Idempotency-Key`` header).
+
+On PostgreSQL an event id can commit after a larger one; each scan therefore also re-reads
+the last ``overlap`` seconds of events, which the unique key makes harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_ai_node.jobs.models import Event, Job, JobState, Study, utcnow
+from dicom_ai_node.jobs.store import add_event, upsert
+from dicom_ai_node.web.metrics import NodeMetrics
+from dicom_ai_node.web.models import Notification, NotificationCursor, NotificationState
+from dicom_ai_node.web.settings import NotificationSettings, Trigger
+
+log = logging.getLogger(__name__)
+
+# Event kinds (written by jobs.queue.transition) that may start a notification.
+POSITIVE_KINDS = (f"job_{JobState.DELIVERING.value}", f"job_{JobState.DONE.value}")
+FAILED_KINDS = (f"job_{JobState.FAILED.value}", f"job_{JobState.FAILED_TO_DELIVER.value}")
+
+
+def redact(url: str) -> str:
+    """``url`` without credentials or query, for logs and events (it may carry a secret)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+def backoff(attempts: int, webhook: NotificationSettings) -> timedelta:
+    """The wait after the ``attempts``-th failed attempt: exponential, capped."""
+    seconds = webhook.retry_base_seconds * 2 ** max(attempts - 1, 0)
+    return timedelta(seconds=min(seconds, webhook.retry_max_seconds))
+
+
+class Notifier:
+    """One thread that fills the outbox from the event log and sends it to the webhooks.
+
+    ``dashboard_url`` (e.g. ``http://ai-node.example:8080``) makes the body link to the
+    job's page; ``owner`` names this process in leases so several nodes sharing one job
+    log never send the same row at once.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        webhooks: Sequence[NotificationSettings],
+        *,
+        owner: str,
+        node_name: str = "",
+        dashboard_url: str = "",
+        poll_seconds: float = 1.0,
+        overlap_seconds: float = 30.0,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.webhooks = {webhook.url: webhook for webhook in webhooks}
+        self.owner = owner
+        self.node_name = node_name
+        self.dashboard_url = dashboard_url.rstrip("/")
+        self.poll_seconds = poll_seconds
+        self.overlap = timedelta(seconds=overlap_seconds)
+        self.metrics = metrics
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread (nothing to do without webhooks)."""
+        if not self.webhooks:
+            return
+        self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Look at the event log now rather than at the next poll."""
+        self._wake.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scan_once()
+                sent = self.send_once()
+            except Exception:
+                log.exception("notify: unexpected error; retrying")
+                sent = 0
+            if not sent:
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()
+
+    # --- events -> outbox --------------------------------------------------------------------
+
+    def scan_once(self) -> int:
+        """Queue the notifications of the events past each webhook's cursor; how many new.
+
+        A webhook seen for the first time starts at the end of the log: it is not told of the
+        past, except of the events of the last ``overlap`` seconds.
+        """
+        queued = 0
+        for webhook in self.webhooks.values():
+            with self.sessions.begin() as session:
+                queued += self._scan(session, webhook)
+        return queued
+
+    def _scan(self, session: Session, webhook: NotificationSettings) -> int:
+        last = session.scalar(select(func.max(Event.id))) or 0
+        cursor = session.get(NotificationCursor, webhook.url, with_for_update=True)
+        if cursor is None:
+            session.add(NotificationCursor(url=webhook.url, event_id=last))
+            return 0
+        kinds = [
+            *(POSITIVE_KINDS if "positive" in webhook.on else ()),
+            *(FAILED_KINDS if "failed" in webhook.on else ()),
+        ]
+        recent = utcnow() - self.overlap
+        rows = session.execute(
+            select(Event, Job, Study.accession_number)
+            .join(Job, Job.id == Event.job_id)
+            .outerjoin(Study, Study.study_instance_uid == Job.study_instance_uid)
+            .where(
+                Event.kind.in_(kinds),
+                Event.id <= last,
+                or_(Event.id > cursor.event_id, Event.at >= recent),
+            )
+            .order_by(Event.id)
+        ).all()
+        queued = 0
+        for event, job, accession in rows:
+            trigger: Trigger
+            if event.kind in POSITIVE_KINDS:
+                if not job.positive:
+                    continue
+                trigger, key = "positive", f"positive:job:{job.id}"
+            else:
+                trigger, key = "failed", f"failed:event:{event.id}"
+            payload = self._payload(trigger, key, event, job, accession or "")
+            inserted = session.execute(
+                upsert(session, Notification)
+                .values(
+                    url=webhook.url,
+                    key=key,
+                    trigger=trigger,
+                    job_id=job.id,
+                    payload=payload,
+                    state=NotificationState.PENDING.value,
+                    attempts=0,
+                    next_attempt_at=utcnow(),
+                    created_at=utcnow(),
+                )
+                .on_conflict_do_nothing(index_elements=["url", "key"])
+            )
+            queued += int(inserted.rowcount)  # type: ignore[attr-defined]
+        cursor.event_id = last
+        if queued:
+            self._wake.set()
+        return queued
+
+    def _payload(
+        self, trigger: Trigger, key: str, event: Event, job: Job, accession: str
+    ) -> dict[str, Any]:
+        """The JSON body, fixed when queued: what happened, to which study, and a link."""
+        return {
+            "key": key,
+            "event": trigger,
+            "node": self.node_name,
+            "at": event.at.isoformat(),
+            "message": event.message,
+            "job_id": job.id,
+            "state": job.state,
+            "study_instance_uid": job.study_instance_uid,
+            "series_instance_uid": job.series_instance_uid,
+            "accession_number": accession,
+            "modality": job.modality,
+            "model": job.model,
+            "model_version": job.model_version,
+            "label": job.label,
+            "probability": job.probability,
+            "error": job.error,
+            "dashboard_url": f"{self.dashboard_url}/jobs/{job.id}" if self.dashboard_url else None,
+        }
+
+    # --- outbox -> webhooks ------------------------------------------------------------------
+
+    def send_once(self, limit: int = 20) -> int:
+        """POST the due notifications; returns how many were attempted."""
+        with self.sessions.begin() as session:
+            due = self._claim(session, limit)
+        for notification in due:
+            error = self._post(self.webhooks[notification.url], notification)
+            with self.sessions.begin() as session:
+                self._record(session, notification.id, error)
+            if self.metrics is not None:
+                self.metrics.notification_attempt(error is None)
+        return len(due)
+
+    def _claim(self, session: Session, limit: int) -> list[Notification]:
+        now = utcnow()
+        ids = list(
+            session.scalars(
+                select(Notification.id)
+                .where(
+                    Notification.url.in_(list(self.webhooks)),
+                    Notification.state == NotificationState.PENDING.value,
+                    Notification.next_attempt_at <= now,
+                    or_(
+                        Notification.lease_expires_at.is_(None),
+                        Notification.lease_expires_at < now,
+                    ),
+                )
+                .order_by(Notification.next_attempt_at, Notification.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+        )
+        if not ids:
+            return []
+        longest = max(webhook.timeout for webhook in self.webhooks.values())
+        session.execute(
+            update(Notification)
+            .where(Notification.id.in_(ids))
+            .values(lease_owner=self.owner, lease_expires_at=now + timedelta(seconds=4 * longest))
+            .execution_options(synchronize_session=False)
+        )
+        return list(
+            session.scalars(
+                select(Notification)
+                .where(Notification.id.in_(ids))
+                .order_by(Notification.id)
+                .execution_options(populate_existing=True)
+            ).all()
+        )
+
+    def _post(self, webhook: NotificationSettings, notification: Notification) -> str | None:
+        """One POST; ``None`` on a 2xx answer, else what went wrong."""
+        request = urllib.request.Request(
+            webhook.url,
+            data=json.dumps(notification.payload).encode(),
+            method="POST",
+            headers={
+                "Content-Type": "application/json",
+                "User-Agent": "dicom-ai-node",
+                "Idempotency-Key": notification.payload["key"],
+                **webhook.headers,
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=webhook.timeout) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:
+            return f"HTTP {exc.code} {exc.reason}"
+        except (OSError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def _record(self, session: Session, notification_id: int, error: str | None) -> None:
+        notification = session.get(Notification, notification_id, populate_existing=True)
+        if notification is None:
+            return
+        webhook = self.webhooks[notification.url]
+        now: datetime = utcnow()
+        notification.attempts += 1
+        notification.lease_owner = None
+        notification.lease_expires_at = None
+        notification.last_error = error
+        what = f"{notification.trigger} notification to {redact(notification.url)}"
+        if error is None:
+            notification.state = NotificationState.SENT.value
+            notification.sent_at = now
+            kind, message = "notification_sent", f"sent the {what}"
+        elif notification.attempts >= webhook.max_attempts:
+            notification.state = NotificationState.FAILED.value
+            kind = "notification_failed"
+            message = f"gave up the {what} after {notification.attempts} attempts: {error}"
+        else:
+            notification.next_attempt_at = now + backoff(notification.attempts, webhook)
+            kind = "notification_retry"
+            message = (
+                f"the {what} failed ({error}); attempt {notification.attempts + 1} "
+                f"at {notification.next_attempt_at:%H:%M:%S}"
+            )
+        (log.info if error is None else log.warning)("job %s: %s", notification.job_id, message)
+        add_event(
+            session,
+            kind,
+            message,
+            job_id=notification.job_id,
+            study=notification.payload.get("study_instance_uid"),
+            series=notification.payload.get("series_instance_uid"),
+            notification_id=notification.id,
+            attempts=notification.attempts,
+        )

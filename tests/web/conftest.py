@@ -1,0 +1,61 @@
+"""Fixtures: a real job log in tmp_path and HTTP servers over loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_ai_node.config import DestinationSettings
+from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
+from dicom_ai_node.web import HttpServer, NodeMetrics
+from tests.web.support import TOKEN, JobLog, Running
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """A migrated SQLite job log in ``tmp_path``."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    upgrade(engine)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def job_log(sessions: sessionmaker[Session], tmp_path: Path) -> JobLog:
+    return JobLog(sessions, tmp_path)
+
+
+@pytest.fixture
+def serve(sessions: sessionmaker[Session]) -> Iterator[Callable[..., Running]]:
+    """Start HTTP servers on free loopback ports over the job log (stopped at teardown).
+
+    The health check reports the running server's ``problems`` list, which tests change.
+    """
+    servers: list[HttpServer] = []
+
+    def start(**overrides: Any) -> Running:
+        problems: list[str] = []
+        options: dict[str, Any] = {
+            "metrics": NodeMetrics(sessions),
+            "health": lambda: list(problems),
+            "bind": "127.0.0.1",
+            "port": 0,
+            "token": TOKEN,
+            "node_name": "test-node",
+            "destinations": [
+                DestinationSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=11112)
+            ],
+            **overrides,
+        }
+        server = HttpServer(sessions, **options)
+        server.start()
+        servers.append(server)
+        return Running(server, problems)
+
+    yield start
+    for server in servers:
+        server.stop()
