@@ -122,7 +122,7 @@ def _study(
         datasets = _head_ct(rng, study, size or _DEFAULT_SIZE[task], slices, positive, entropy)
     for ds in datasets:
         if syntax in (RLELossless, JPEG2000Lossless):
-            ds.compress(syntax)
+            ds.compress(syntax, generate_instance_uid=False)
         else:
             ds.file_meta.TransferSyntaxUID = syntax
     return datasets
@@ -198,7 +198,7 @@ def _radiograph(
     ds.ImagerPixelSpacing = [0.7, 0.7]
     ds.KVP = 120
     stored = np.round((1.0 - display if photometric == "MONOCHROME1" else display) * 4000 + 48)
-    ds.set_pixel_data(stored.astype(np.uint16), photometric, 12)
+    ds.set_pixel_data(stored.astype(np.uint16), photometric, 12, generate_instance_uid=False)
     if kind > 0:  # DX Image module, PS3.3 C.8.11.7 (For Presentation)
         ds.PresentationIntentType = "FOR PRESENTATION"
         ds.DetectorType = "SCINTILLATOR"
@@ -249,7 +249,7 @@ def _head_ct(
         ds.WindowCenter = BRAIN_WINDOW.center
         ds.WindowWidth = BRAIN_WINDOW.width
         stored = np.clip(np.round(hu + 1024), 0, 4095).astype(np.uint16)
-        ds.set_pixel_data(stored, "MONOCHROME2", 12)
+        ds.set_pixel_data(stored, "MONOCHROME2", 12, generate_instance_uid=False)
         datasets.append(ds)
     return datasets
 

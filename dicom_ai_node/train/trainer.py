@@ -3,9 +3,9 @@
 Training: class-weighted softmax cross-entropy (weights inversely proportional to class
 frequency), light augmentation (shift, zoom, horizontal flip), Adam, early stopping on the
 validation loss with the best weights restored, and the card's threshold set where the
-validation split's sensitivity + specificity is highest (Youden's J). The package written is loaded back through the
-runtime (which checks the card against the weights) and evaluated on the held-out test split,
-so the report describes exactly what the node will run.
+validation split's sensitivity + specificity is highest (Youden's J). The package written is
+loaded back through the runtime (which checks the card against the weights) and evaluated on
+the held-out test split, so the report describes exactly what the node will run.
 """
 
 from __future__ import annotations

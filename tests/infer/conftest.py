@@ -38,5 +38,7 @@ def tiny_package(tmp_path_factory: pytest.TempPathFactory, tiny_card: ModelCard)
 def ct_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Five 64x64 slices of one synthetic head CT (more than one batch of 2)."""
     out = tmp_path_factory.mktemp("ct")
-    (study,) = generate_studies(Task.HEAD_CT_HEMORRHAGE, Label.POSITIVE, 1, out, 3, size=64, slices=5)
+    (study,) = generate_studies(
+        Task.HEAD_CT_HEMORRHAGE, Label.POSITIVE, 1, out, 3, size=64, slices=5
+    )
     return sorted(study.glob("*/*.dcm"))

@@ -126,7 +126,9 @@ def test_resize_keeps_the_physical_aspect_ratio_and_pads():
     columns = np.flatnonzero(out[..., 0].max(axis=0) > 0)
     assert columns.min() == 32 and columns.max() == 95  # 64 columns of content, centred
     assert np.all(out[:, :32] == 0) and np.all(out[:, 96:] == 0)
-    stretched = to_model_input(ds, InputSpec(height=128, width=128), PreprocessSpec(keep_aspect=False))
+    stretched = to_model_input(
+        ds, InputSpec(height=128, width=128), PreprocessSpec(keep_aspect=False)
+    )
     assert np.count_nonzero(stretched[:, :32]) > 0
 
 

@@ -40,16 +40,18 @@ def test_card_with_wrong_input_shape_is_refused(tmp_path: Path, tiny_card: Model
 
 def test_card_with_wrong_label_count_is_refused(tmp_path: Path, tiny_card: ModelCard):
     extra = LabelSpec(name="other", code=tiny_card.labels[0].code, positive=False)
-    card = tiny_card.model_copy(update={"name": "three-labels", "labels": [*tiny_card.labels, extra]})
+    card = tiny_card.model_copy(
+        update={"name": "three-labels", "labels": [*tiny_card.labels, extra]}
+    )
     write_package(tmp_path, card, card.input, 2)
-    with pytest.raises(ModelPackageError, match="three-labels.*3 labels.*2 outputs"):
+    with pytest.raises(ModelPackageError, match=r"three-labels.*3 labels.*2 outputs"):
         LoadedModel(tmp_path / "three-labels")
 
 
 def test_invalid_card_is_refused_with_the_package_path(tmp_path: Path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model.toml").write_text('name = "broken"\n')
-    with pytest.raises(ModelPackageError, match="broken.*invalid model.toml"):
+    with pytest.raises(ModelPackageError, match=r"broken.*invalid model\.toml"):
         load_models([tmp_path])
 
 
@@ -68,7 +70,7 @@ def test_predict_series_streams_batches_and_aggregates(tiny_package: Path, ct_se
         assert sum(image.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
         assert image.heatmap is not None and image.heatmap.shape == (32, 32)
         assert image.heatmap.dtype == np.float32
-        assert 0.0 <= image.heatmap.min() and image.heatmap.max() <= 1.0
+        assert image.heatmap.min() >= 0.0 and image.heatmap.max() <= 1.0
     # Same images one at a time give the same probabilities: padding does not leak.
     single = LoadedModel(tiny_package, batch_size=1, heatmaps="key").predict_series(ct_series)
     np.testing.assert_allclose(
