@@ -17,7 +17,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from dicom_ai_node.jobs.models import JobState
 from dicom_ai_node.web import queries
-from dicom_ai_node.web.api import StateName, WebContext, retry_job
+from dicom_ai_node.web.api import WebContext, retry_job
 
 PAGE_SIZE = 50
 WORKLIST_HOURS = (12, 24, 72, 168)
@@ -98,7 +98,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
     @router.get("/jobs", response_class=HTMLResponse)
     def jobs_page(
         request: Request,
-        state: Annotated[list[StateName] | None, Query()] = None,
+        state: str = "",
         model: str = "",
         label: str = "",
         since: str = "",
@@ -106,7 +106,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
     ) -> HTMLResponse:
         start = _parse_date(since)
         where = queries.JobFilter(
-            states=list(state) if state else None,
+            states=[state] if state else None,
             model=model or None,
             label=label or None,
             since=start,
@@ -115,7 +115,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
             found = queries.list_jobs(session, where, PAGE_SIZE, (page - 1) * PAGE_SIZE)
             models = queries.distinct_values(session, "model")
             labels = queries.distinct_values(session, "label")
-        filters = {"state": state or [], "model": model, "label": label, "since": since}
+        filters = {"state": state, "model": model, "label": label, "since": since}
 
         def page_link(number: int) -> str:
             return "/jobs?" + urlencode({**filters, "page": number}, doseq=True)

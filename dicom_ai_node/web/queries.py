@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Literal, TypeVarTuple, Unpack
+from typing import Any, Literal, TypeVarTuple
 
 from pydantic import BaseModel
 from sqlalchemy import Select, case, func, select
@@ -160,7 +160,7 @@ def _joined() -> Select[Job, str, str, str, str]:
     ).outerjoin(Study, Study.study_instance_uid == Job.study_instance_uid)
 
 
-def _filtered(query: Select[Unpack[Columns]], where: JobFilter) -> Select[Unpack[Columns]]:
+def _filtered(query: Select[*Columns], where: JobFilter) -> Select[*Columns]:
     if where.states:
         query = query.where(Job.state.in_(where.states))
     if where.model:

@@ -7,7 +7,6 @@ from io import BytesIO
 
 import httpx
 import numpy as np
-import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
