@@ -33,7 +33,7 @@ app.command("train")(cli_ml.train)
 app.command("evaluate")(cli_ml.evaluate)
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOption = Annotated[
     Path | None,
@@ -195,13 +195,13 @@ def _job_dict(job: Any) -> dict[str, Any]:
     }
 
 
-def _db(config: Path | None) -> Any:
-    from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
+def _db(config: Path | None, *, write: bool = False) -> Any:
+    from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, upgrade
 
     settings = _settings(config)
     engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
     upgrade(engine)
-    return session_factory(engine)
+    return session_factory(engine if write else read_only(engine))
 
 
 @jobs_app.command("list")
@@ -312,7 +312,7 @@ def jobs_retry(
     from dicom_ai_node.jobs.models import Job, JobState
     from dicom_ai_node.jobs.queue import retry
 
-    with _db(config).begin() as session:
+    with _db(config, write=True).begin() as session:
         job = session.get(Job, job_id)
         if job is None:
             err.print(f"no job {job_id}")

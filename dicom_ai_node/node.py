@@ -25,7 +25,7 @@ from dicom_ai_node import __version__
 from dicom_ai_node.assemble import complete_series, complete_studies
 from dicom_ai_node.config import ConfigError, Settings
 from dicom_ai_node.dispatch.deliveries import Dispatcher, plan_deliveries
-from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
+from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, upgrade
 from dicom_ai_node.jobs.models import Instance, Job, JobState, Prediction, Result, utcnow
 from dicom_ai_node.jobs.queue import enqueue, record_skipped, recover, transition, worker_id
 from dicom_ai_node.jobs.store import add_event, upsert
@@ -61,6 +61,7 @@ class Node:
         self.owner = worker_id(settings.node_name)
         self.engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
         self.sessions = session_factory(self.engine)
+        self.read_sessions = session_factory(read_only(self.engine))
         self.spool = Spool(settings.storage.data_dir)
         self.models = models if models is not None else self._load_models()
         extra = tuple(
@@ -213,7 +214,7 @@ class Node:
 
     def process_job(self, job: Job) -> None:
         """Run a claimed job: infer, record predictions, write results, plan deliveries."""
-        with self.sessions() as session:
+        with self.read_sessions() as session:
             instances = self._instances(session, job)
         if not instances:
             raise RuntimeError("the job's instances are no longer in the spool")

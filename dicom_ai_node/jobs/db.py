@@ -1,10 +1,10 @@
 """Engine setup and schema migrations for the job log.
 
 SQLite (the default) runs in WAL mode so readers never block the writer, with a busy
-timeout, and every transaction starts with ``BEGIN IMMEDIATE``: a deferred transaction that
-reads and then writes fails at once with "database is locked" when another writer got in
-between, whatever the timeout, while an immediate one waits its turn. PostgreSQL needs none
-of this. The schema is managed by Alembic and upgraded at startup.
+timeout, and every transaction that may write starts with ``BEGIN IMMEDIATE``: a deferred
+transaction that reads and then writes fails at once with "database is locked" when another
+writer got in between, whatever the timeout, while an immediate one waits its turn.
+PostgreSQL needs none of this. The schema is managed by Alembic and upgraded at startup.
 """
 
 from __future__ import annotations
@@ -49,9 +49,21 @@ def create_db_engine(url: str, busy_timeout_ms: int = 30000) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        if connection.get_execution_options().get("read_only"):
+            connection.exec_driver_sql("BEGIN")  # a WAL reader: blocks no one
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def read_only(engine: Engine) -> Engine:
+    """The same engine for transactions that only read.
+
+    On SQLite they begin deferred, so they never hold the write lock (in WAL mode they see
+    a snapshot and block no writer); elsewhere the option changes nothing.
+    """
+    return engine.execution_options(read_only=True)
 
 
 def upgrade(engine: Engine) -> None:

@@ -270,7 +270,7 @@ def reindex(sessions: sessionmaker[Session], spool: Spool) -> int:
     while the fsynced files survive, so at startup the spool is the truth. Unreadable files
     are left alone and logged.
     """
-    with sessions() as session:
+    with sessions() as session, session.begin():
         known = set(session.scalars(select(Instance.path)).all())
     added = 0
     for path in spool.received_files():
