@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 #: Where the model packages shipped with the node live.
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
-#: Which images get a Grad-CAM heat map: only the key image, every image at or above the
-#: card's threshold (plus the key image), or every image.
+#: Which images keep a Grad-CAM heat map: only the key image (computed once at the end), every
+#: image at or above the card's threshold plus the key image, or every image. With "positive"
+#: and "all" the maps come from the same pass as the probabilities; "positive" keeps memory
+#: bounded by the findings (a 128x128 map is 64 KiB).
 HeatmapPolicy = Literal["key", "positive", "all"]
 
 _tf_lock = threading.Lock()
@@ -278,13 +280,15 @@ class LoadedModel:
         skipped: list[tuple[str, str]] = []
         images: list[ImagePrediction] = []
         best: tuple[float, int, npt.NDArray[np.float32]] | None = None  # key image candidate
-        explain_all = self.heatmaps == "all"
+        # Grad-CAM in the same pass costs ~8 % over the forward pass alone (measured with
+        # benchmarks/inference.py), far less than a second pass over batches with findings.
+        explain = self.heatmaps != "key"
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer") as executor:
             pending: _Pending | None = None
             for sources, inputs in self._batches(paths, skipped):
                 # Submit this batch before collecting the previous one, so that TensorFlow
                 # computes while the next batch is decoded.
-                future = executor.submit(self.predict_batch, inputs, explain=explain_all)
+                future = executor.submit(self.predict_batch, inputs, explain=explain)
                 if pending is not None:
                     best = self._collect(pending, images, best)
                 pending = _Pending(sources, inputs, future)
@@ -340,12 +344,6 @@ class LoadedModel:
         """Turn a computed batch into ImagePredictions, with heat maps per the policy."""
         probabilities, cams = pending.result.result()
         positive = probabilities[:, self._positive_index]
-        if (
-            cams is None
-            and self.heatmaps == "positive"
-            and bool((positive >= self.card.threshold).any())
-        ):
-            _, cams = self.predict_batch(pending.inputs, explain=True)
         names = [label.name for label in self.card.labels]
         for i, (uid, frame) in enumerate(pending.sources):
             probs = {name: float(p) for name, p in zip(names, probabilities[i], strict=True)}
@@ -357,13 +355,20 @@ class LoadedModel:
                     sop_instance_uid=uid,
                     frame_number=frame,
                     probabilities=probs,
-                    label=max(probs, key=probs.__getitem__),
-                    heatmap=cams[i] if keep and cams is not None else None,
+                    label=self._label(probs),
+                    heatmap=cams[i].copy() if keep and cams is not None else None,
                 )
             )
             if best is None or positive[i] > best[0]:
                 best = (float(positive[i]), len(images) - 1, pending.inputs[i].copy())
         return best
+
+    def _label(self, probabilities: dict[str, float]) -> str:
+        """The positive label at or above the card's threshold, else the likeliest other one."""
+        positive = self.card.positive_label.name
+        if probabilities[positive] >= self.card.threshold:
+            return positive
+        return max((n for n in probabilities if n != positive), key=probabilities.__getitem__)
 
     def _aggregate(
         self, images: list[ImagePrediction], skipped: list[tuple[str, str]]
@@ -384,16 +389,11 @@ class LoadedModel:
             other = next(n for n in names if n != positive_name)
             series[other] = 1.0 - series[positive_name]
         is_positive = series[positive_name] >= card.threshold
-        label = (
-            positive_name
-            if is_positive
-            else max((n for n in names if n != positive_name), key=series.__getitem__)
-        )
         return SeriesPrediction(
             model=card.name,
             model_version=card.version,
             positive_label=positive_name,
-            label=label,
+            label=self._label(series),
             probability=series[positive_name],
             positive=is_positive,
             probabilities=series,
