@@ -32,3 +32,21 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     yield start
     for node in nodes:
         node.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> dict[str, Any]:
+    """The bundled demo models, loaded once for the whole run (TensorFlow is slow to start)."""
+    from dicom_ai_node.infer.runtime import LoadedModel, read_cards
+
+    return {name: LoadedModel(package, card=card) for name, (package, card) in read_cards().items()}
+
+
+@pytest.fixture(scope="session")
+def shipped_routes() -> list[dict[str, Any]]:
+    """The routes of ``config/node.toml`` as shipped."""
+    import tomllib
+
+    with (Path(__file__).parent.parent / "config" / "node.toml").open("rb") as f:
+        routes: list[dict[str, Any]] = tomllib.load(f)["routes"]
+    return routes
