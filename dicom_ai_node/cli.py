@@ -71,8 +71,12 @@ def _setup_logging(settings: Settings) -> None:
     if settings.logging.json_lines:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_JsonLines())
-    else:
+    elif err.is_terminal:
         handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # a service manager's log: one plain line per record
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=settings.logging.level, handlers=[handler], force=True)
     # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

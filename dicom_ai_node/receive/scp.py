@@ -169,16 +169,22 @@ class StorageSCP:
         )
 
     def stop(self, grace_seconds: float = 30.0) -> None:
-        """Stop accepting associations, let running ones finish (up to the grace), stop."""
+        """Stop accepting associations, let established ones finish (up to the grace), stop.
+
+        Connections that never negotiated an association (a port probe, a peer still
+        silent) are not waited for.
+        """
         if self._server is None:
             return
-        server = self._server
-        server.shutdown()
+        self._server.shutdown()
         deadline = time.monotonic() + grace_seconds
-        while self.ae.active_associations and time.monotonic() < deadline:
+        while time.monotonic() < deadline and any(
+            assoc.is_established for assoc in self.ae.active_associations
+        ):
             time.sleep(0.05)
         for assoc in self.ae.active_associations:
-            log.warning("aborting association still open at shutdown: %s", assoc.name)
+            if assoc.is_established:
+                log.warning("aborting association still open at shutdown: %s", assoc.name)
             assoc.abort()
         self._server = None
 

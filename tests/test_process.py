@@ -1,0 +1,150 @@
+"""The node as a process, as operators run it: `serve`, Ctrl-C, kill -9 and restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from dicom_ai_node.jobs.db import create_db_engine, read_only
+from dicom_ai_node.jobs.models import Event, Instance, Job
+from dicom_ai_node.synth import Label, Task, generate_studies
+from tests.helpers import free_port, run_tool, wait_for
+
+ROOT = Path(__file__).parent.parent
+
+
+class Served:
+    """A `dicom-ai-node serve` process on a free port with its data in a folder."""
+
+    def __init__(self, tmp_path: Path, config: Path | None = None) -> None:
+        self.port = free_port()
+        self.data = tmp_path / "var"
+        self.env = {
+            **os.environ,
+            "DICOM_AI_NODE_DICOM__BIND": "127.0.0.1",
+            "DICOM_AI_NODE_DICOM__PORT": str(self.port),
+            "DICOM_AI_NODE_STORAGE__DATA_DIR": str(self.data),
+            "DICOM_AI_NODE_STORAGE__MIN_FREE_MB": "0",
+            "DICOM_AI_NODE_ASSEMBLE__STABLE_SECONDS": "0.5",
+            "DICOM_AI_NODE_WORKER__LEASE_SECONDS": "5",
+        }
+        if config is not None:
+            self.env["DICOM_AI_NODE_CONFIG"] = str(config)
+        self.log = tmp_path / "serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dicom_ai_node", "serve"],
+                env=self.env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+        def listening() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited: {self.log.read_text()}")
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(listening, timeout=90, interval=0.1)
+
+    def signal(self, sig: int) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=60)
+        self.proc = None
+        return code
+
+    def engine(self) -> Engine:
+        return read_only(create_db_engine(f"sqlite:///{self.data / 'jobs.sqlite'}"))
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    node = Served(tmp_path)
+    yield node
+    if node.proc is not None:
+        node.proc.kill()
+        node.proc.wait()
+
+
+def test_serve_with_shipped_config_answers_echo_and_stops_cleanly(served: Served) -> None:
+    served.start()  # config/node.toml from the working directory, as `make run` does
+    run_tool("echoscu", "-aec", "AINODE", "127.0.0.1", str(served.port))
+    assert served.signal(signal.SIGINT) == 0
+    log = served.log.read_text()
+    assert "ready" in log and "stopped" in log
+    assert "Traceback" not in log
+
+
+def test_kill_during_a_job_and_restart_finishes_it(served: Served, tmp_path: Path) -> None:
+    study = generate_studies(
+        Task.HEAD_CT_HEMORRHAGE, Label.POSITIVE, 1, tmp_path / "in", seed=7, slices=160
+    )[0]
+    served.start()
+    run_tool("storescu", "+sd", "+r", "-aec", "AINODE", "127.0.0.1", str(served.port), str(study))
+    engine = served.engine()
+
+    def running() -> Job | None:
+        with Session(engine) as session:
+            return session.scalars(select(Job).where(Job.state == "running")).first()
+
+    job = wait_for(running, timeout=60, interval=0.01)
+    assert served.signal(signal.SIGKILL) == -signal.SIGKILL
+    with Session(engine) as session:
+        assert session.get(Job, job.id).state == "running"  # type: ignore[union-attr]
+    served.start()
+
+    def finished() -> Job | None:
+        with Session(engine) as session:
+            found = session.get(Job, job.id)
+            return found if found is not None and found.state == "done" else None
+
+    done = wait_for(finished, timeout=120)
+    assert done.label == "hemorrhage"
+    assert done.attempts == 2
+    with Session(engine) as session:
+        kinds = [e.kind for e in session.scalars(select(Event).where(Event.job_id == job.id))]
+        stored = len(session.scalars(select(Instance)).all())
+    assert "job_queued" in kinds[1:]  # returned to the queue after the restart
+    assert stored == 160
+    engine.dispose()
+
+
+def test_ctrl_c_lets_the_association_in_flight_finish(served: Served, tmp_path: Path) -> None:
+    study = generate_studies(
+        Task.HEAD_CT_HEMORRHAGE, Label.NEGATIVE, 1, tmp_path / "in", seed=3, slices=150
+    )[0]
+    served.start()
+    sender = subprocess.Popen(
+        ["storescu", "+sd", "+r", "-aec", "AINODE", "127.0.0.1", str(served.port), str(study)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stderr=subprocess.PIPE,
+    )
+    engine = served.engine()
+
+    def some_stored() -> bool:
+        with Session(engine) as session:
+            return bool(session.scalars(select(Instance)).first())
+
+    wait_for(some_stored, timeout=30, interval=0.01)
+    assert served.signal(signal.SIGINT) == 0
+    _, errors = sender.communicate(timeout=60)
+    assert sender.returncode == 0, errors
+    with Session(engine) as session:
+        assert len(session.scalars(select(Instance)).all()) == 150
+    assert not list(served.data.rglob(".tmp-*"))
+    engine.dispose()
