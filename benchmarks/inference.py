@@ -15,6 +15,7 @@ syntax per series as the generator writes it) with the bundled head-ct-hemorrhag
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -61,7 +62,7 @@ def main() -> None:
         for policy in ("key", "positive"):
             model = load_models([], batch_size=args.batch_size, heatmaps=policy)[name]
             model.predict_series(files[: args.batch_size])  # first-call effects out of the way
-            seconds = best_of(args.repeats, lambda m=model: m.predict_series(files))
+            seconds = best_of(args.repeats, functools.partial(model.predict_series, files))
             rows.append((f"end to end, files -> SeriesPrediction (heatmaps={policy})", n / seconds))
         card = model.card
         decode = best_of(

@@ -145,7 +145,7 @@ def run_node(files: list[Path], work: Path, repeat: int) -> tuple[list[float], f
             proc.wait()
         engine = create_db_engine(f"sqlite:///{data / 'jobs.sqlite'}")
         with engine.connect() as conn:
-            stored = conn.exec_driver_sql("SELECT count(*) FROM instances").scalar_one()
+            stored: int = conn.exec_driver_sql("SELECT count(*) FROM instances").scalar_one()
         engine.dispose()
         assert stored == len(files), f"node recorded {stored} of {len(files)}"
         shutil.rmtree(data)

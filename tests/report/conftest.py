@@ -58,9 +58,10 @@ def context() -> ReportContext:
 def blob(center: tuple[float, float] = (0.4, 0.6), sigma: float = 0.12) -> np.ndarray:
     """A Gaussian heat map at model input size, peak 1 at ``center`` (row, col fractions)."""
     y, x = np.mgrid[0:INPUT, 0:INPUT] / (INPUT - 1)
-    return np.exp(-((y - center[0]) ** 2 + (x - center[1]) ** 2) / (2 * sigma**2)).astype(
-        np.float32
-    )
+    heatmap: np.ndarray = np.exp(
+        -((y - center[0]) ** 2 + (x - center[1]) ** 2) / (2 * sigma**2)
+    ).astype(np.float32)
+    return heatmap
 
 
 PredictionFactory = Callable[[Sequence[Dataset], Sequence[float]], SeriesPrediction]
@@ -100,7 +101,7 @@ def predict(card: ModelCard) -> PredictionFactory:
 @pytest.fixture
 def ct_small() -> Dataset:
     """pydicom's CT_small.dcm: one 128x128 CT slice, all patient and study attributes."""
-    return pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    return pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
 
 
 @pytest.fixture
@@ -122,7 +123,7 @@ def cr_mono1() -> Dataset:
 @pytest.fixture
 def ct_j2k() -> Dataset:
     """A 512x512 CT slice in lossy JPEG 2000 (decoded through pylibjpeg)."""
-    return pydicom.dcmread(get_testdata_file("693_J2KI.dcm"))
+    return pydicom.dcmread(str(get_testdata_file("693_J2KI.dcm")))
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from typing import Any
 
 import highdicom as hd
 import pydicom
@@ -18,6 +19,11 @@ from .conftest import dciodvfy_errors, tool, write
 PNEUMONIA = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
 NORMAL = hd.sr.CodedConcept("17621005", "SCT", "Normal")
 SERIES_P = [0.2, 0.7, 0.9, 0.6, 0.1]
+
+
+def report(sr: hd.sr.EnhancedSR | hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR) -> Any:
+    """The TID 1500 Measurement Report at the root of an SR read back."""
+    return sr.content
 
 
 def _sr(sources, prediction, card, context, seed="job-sr"):
@@ -38,7 +44,7 @@ def test_finding_and_probability_are_read_back(tmp_path, ct_series, predict, car
 
     sr = hd.sr.srread(path)
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
-    groups = sr.content.get_image_measurement_groups()
+    groups = report(sr).get_image_measurement_groups()
     # the series result, then the key image and the other positive images (0.7, 0.6)
     assert len(groups) == 4
     series = groups[0]
@@ -64,10 +70,10 @@ def test_observer_algorithm_and_image_library(tmp_path, ct_series, predict, card
     path = write(_sr(ct_series, predict(ct_series, SERIES_P), card, context), tmp_path / "sr.dcm")
     sr = hd.sr.srread(path)
 
-    (device,) = sr.content.get_observer_contexts(observer_type=codes.DCM.Device)
+    (device,) = report(sr).get_observer_contexts(observer_type=codes.DCM.Device)
     attributes = device.observer_identifying_attributes
     assert attributes.name == card.name and attributes.manufacturer_name == card.manufacturer
-    group = sr.content.get_image_measurement_groups()[0][0]
+    group = report(sr).get_image_measurement_groups()[0][0]
     names = {
         item.name.meaning: item.value for item in group.ContentSequence if item.ValueType == "TEXT"
     }
@@ -117,7 +123,7 @@ def test_single_radiograph_has_one_group(tmp_path, cr_mono1, predict, card, cont
     path = write(_sr([cr_mono1], predict([cr_mono1], [0.3]), card, context), tmp_path / "sr.dcm")
     sr = hd.sr.srread(path)
 
-    (group,) = sr.content.get_image_measurement_groups()
+    (group,) = report(sr).get_image_measurement_groups()
     assert group.get_qualitative_evaluations(name=FINDING)[0].value == NORMAL
     assert group.get_measurements()[0].value == pytest.approx(0.7)  # P(normal)
     assert sr.PatientName == cr_mono1.PatientName  # Japanese name survives ISO 2022 IR 87

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels.processing import apply_modality_lut
 
 from dicom_ai_node.infer.card import InputSpec, PreprocessSpec
 from dicom_ai_node.infer.preprocess import to_model_input

@@ -12,7 +12,7 @@ from dicom_ai_node.train.metrics import metrics, roc_auc, roc_points, youden_thr
 def test_roc_auc_equals_pairwise_probability_with_ties():
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 2, 200)
-    scores = np.round(rng.random(200) + 0.4 * truth, 1)  # many ties
+    scores = np.round(rng.random(200) + 0.4 * truth, 1).astype(np.float64)  # many ties
     pos, neg = scores[truth == 1], scores[truth == 0]
     expected = (np.sum(pos[:, None] > neg) + 0.5 * np.sum(pos[:, None] == neg)) / (
         len(pos) * len(neg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from dicom_ai_node.train.tasks import TASK_CARDS
 runner = CliRunner()
 
 
-def _recompute(report: dict) -> dict[str, float]:
+def _recompute(report: dict[str, Any]) -> dict[str, float]:
     """The metrics from the saved predictions, written out independently of the module."""
     truth = np.array([p["truth"] for p in report["predictions"]])
     score = np.array([p["score"] for p in report["predictions"]])
