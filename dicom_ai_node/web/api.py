@@ -33,9 +33,11 @@ StateName = Literal[
 
 @dataclass(frozen=True)
 class WebContext:
-    """What the routes read: the job log, the node's health and metrics, its destinations."""
+    """What the routes use: the job log (``reads`` for reading, ``sessions`` for the
+    operators' writes), the node's health and metrics, its destinations."""
 
     sessions: sessionmaker[Session]
+    reads: sessionmaker[Session]
     health: Callable[[], list[str]]
     metrics: NodeMetrics
     destinations: Sequence[DestinationSettings]
@@ -110,13 +112,13 @@ def api_router(ctx: WebContext) -> APIRouter:
             positive=positive,
             since=as_utc(since),
         )
-        with ctx.sessions() as session:
+        with ctx.reads() as session:
             return queries.list_jobs(session, where, limit, offset)
 
     @router.get("/jobs/{job_id}", response_model=queries.JobDetail)
     def get_job(job_id: int) -> queries.JobDetail:
         """One job with its results, notifications and event history."""
-        with ctx.sessions() as session:
+        with ctx.reads() as session:
             job = queries.get_job(session, job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id}")
@@ -144,19 +146,19 @@ def api_router(ctx: WebContext) -> APIRouter:
     ) -> list[queries.WorklistItem]:
         """Triage order: positive findings (most probable, most urgent first), then pending
         jobs, then failed ones, then negative ones; skipped series are left out."""
-        with ctx.sessions() as session:
+        with ctx.reads() as session:
             return queries.worklist(session, as_utc(since), limit)
 
     @router.get("/destinations", response_model=list[queries.DestinationStatus])
     def get_destinations() -> list[queries.DestinationStatus]:
         """Each destination with its deliveries and its last success and failure."""
-        with ctx.sessions() as session:
+        with ctx.reads() as session:
             return ctx.destination_status(session)
 
     @router.get("/queue", response_model=queries.QueueDepth)
     def get_queue() -> queries.QueueDepth:
         """Work waiting: jobs queued and running, deliveries and notifications pending."""
-        with ctx.sessions() as session:
+        with ctx.reads() as session:
             return queries.queue_depth(session)
 
     @router.get(
@@ -166,7 +168,7 @@ def api_router(ctx: WebContext) -> APIRouter:
     )
     def result_image(sop_instance_uid: str) -> Response:
         """A result image (the Secondary Capture) rendered as PNG."""
-        with ctx.sessions() as session:
+        with ctx.reads() as session:
             result = session.get(Result, sop_instance_uid)
         if result is None or result.kind != "sc":
             raise HTTPException(404, f"no result image {sop_instance_uid}")

@@ -19,6 +19,7 @@ from dicom_ai_node.web.metrics import NodeMetrics
 def create_app(
     sessions: sessionmaker[Session],
     *,
+    read_sessions: sessionmaker[Session] | None = None,
     token: str,
     health: Callable[[], list[str]],
     metrics: NodeMetrics,
@@ -27,9 +28,11 @@ def create_app(
     refresh_seconds: int = 15,
 ) -> FastAPI:
     """The app of one node. The OpenAPI schema is at ``/openapi.json``; the interactive
-    docs are off, as they load scripts from a CDN that a hospital network may not reach."""
+    docs are off, as they load scripts from a CDN that a hospital network may not reach.
+    Pages and API reads use ``read_sessions`` (which on SQLite take no write lock) when
+    given."""
     auth = TokenAuth(token)
-    ctx = WebContext(sessions, health, metrics, destinations, node_name)
+    ctx = WebContext(sessions, read_sessions or sessions, health, metrics, destinations, node_name)
     app = FastAPI(
         title="dicom-ai-node",
         version=__version__,

@@ -64,7 +64,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
     pages = templates()
 
     def render(request: Request, name: str, refresh: bool, **values: Any) -> HTMLResponse:
-        with ctx.sessions() as session:
+        with ctx.reads() as session:
             depth = queries.queue_depth(session)
         return pages.TemplateResponse(
             request,
@@ -81,7 +81,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
     @router.get("/", response_class=HTMLResponse)
     def worklist_page(request: Request, hours: int = 24) -> HTMLResponse:
         since = datetime.now(UTC) - timedelta(hours=hours)
-        with ctx.sessions() as session:
+        with ctx.reads() as session:
             items = queries.worklist(session, since, limit=200)
             destinations = ctx.destination_status(session)
         return render(
@@ -111,7 +111,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
             label=label or None,
             since=start,
         )
-        with ctx.sessions() as session:
+        with ctx.reads() as session:
             found = queries.list_jobs(session, where, PAGE_SIZE, (page - 1) * PAGE_SIZE)
             models = queries.distinct_values(session, "model")
             labels = queries.distinct_values(session, "label")
@@ -137,7 +137,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
 
     @router.get("/jobs/{job_id}", response_class=HTMLResponse)
     def job_page(request: Request, job_id: int, retried: str = "") -> Response:
-        with ctx.sessions() as session:
+        with ctx.reads() as session:
             job = queries.get_job(session, job_id)
         if job is None:
             return render(request, "missing.html", False, what=f"job {job_id}")
@@ -169,7 +169,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
 
     @router.get("/destinations", response_class=HTMLResponse)
     def destinations_page(request: Request) -> HTMLResponse:
-        with ctx.sessions() as session:
+        with ctx.reads() as session:
             destinations = ctx.destination_status(session)
         return render(
             request,

@@ -67,7 +67,10 @@ class _JobLogCollector(Collector):
 
 
 class NodeMetrics:
-    """The metrics of one node; the stages call the methods, ``/metrics`` exposes them."""
+    """The metrics of one node; the stages call the methods, ``/metrics`` exposes them.
+
+    ``sessions`` reads the job log at scrape time (give the node's read-only sessions).
+    """
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.registry = CollectorRegistry()

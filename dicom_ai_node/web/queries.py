@@ -62,6 +62,7 @@ class JobSummary(BaseModel):
     label: str | None
     probability: float | None
     positive: bool | None
+    destinations: list[str]
     priority: int
     state: str
     attempts: int
@@ -222,6 +223,7 @@ def _summary(row: Any, deliveries: dict[int, list[DeliveryStatus]], **extra: Any
         "label": job.label,
         "probability": job.probability,
         "positive": job.positive,
+        "destinations": job.destinations,
         "priority": job.priority,
         "state": job.state,
         "attempts": job.attempts,

@@ -27,13 +27,15 @@ class HttpServer:
 
     The token is ``token``, else ``$DICOM_AI_NODE_HTTP_TOKEN``, else a random one made now
     (``token_generated`` is then true, and :attr:`login_url` is what to print).
-    ``health`` returns the node's problems (none = healthy), for ``/healthz``.
+    ``health`` returns the node's problems (none = healthy), for ``/healthz``; reads go
+    through ``read_sessions`` when given (the node's read-only sessions).
     """
 
     def __init__(
         self,
         sessions: sessionmaker[Session],
         *,
+        read_sessions: sessionmaker[Session] | None = None,
         metrics: NodeMetrics,
         health: Callable[[], list[str]],
         bind: str = "127.0.0.1",
@@ -50,6 +52,7 @@ class HttpServer:
         self._requested_port = port
         self.app = create_app(
             sessions,
+            read_sessions=read_sessions,
             token=self.token,
             health=health,
             metrics=metrics,

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DestinationSettings
-from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
+from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, upgrade
 from dicom_ai_node.web import HttpServer, NodeMetrics
 from tests.web.support import TOKEN, JobLog, Running
 
@@ -39,8 +39,9 @@ def serve(sessions: sessionmaker[Session]) -> Iterator[Callable[..., Running]]:
 
     def start(**overrides: Any) -> Running:
         problems: list[str] = []
+        reads = session_factory(read_only(sessions.kw["bind"]))
         options: dict[str, Any] = {
-            "metrics": NodeMetrics(sessions),
+            "metrics": NodeMetrics(reads),
             "health": lambda: list(problems),
             "bind": "127.0.0.1",
             "port": 0,
@@ -51,7 +52,7 @@ def serve(sessions: sessionmaker[Session]) -> Iterator[Callable[..., Running]]:
             ],
             **overrides,
         }
-        server = HttpServer(sessions, **options)
+        server = HttpServer(sessions, read_sessions=reads, **options)
         server.start()
         servers.append(server)
         return Running(server, problems)

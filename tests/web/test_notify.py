@@ -62,6 +62,19 @@ def finish(sessions, job_id: int, state: JobState, **fields: Any) -> None:
         transition(session, job_id, state, f"job {job_id}: {state.value}", **fields)
 
 
+def gave_up(sessions, url: str) -> bool:
+    """Whether the notification to ``url`` failed for good (a new transaction each call)."""
+    with sessions() as session:
+        return (
+            session.scalars(
+                select(Notification.id).where(
+                    Notification.url == url, Notification.state == "failed"
+                )
+            ).first()
+            is not None
+        )
+
+
 def notifier(sessions, *webhooks: NotificationSettings) -> Notifier:
     return Notifier(
         sessions,
@@ -101,15 +114,7 @@ def test_positive_and_failed_jobs_are_posted_with_retries(job_log, receiver):
     sender.start()
     try:
         wait_for(lambda: len(receiver.accepted()) == 2, timeout=15)
-        with job_log.sessions() as session:
-            wait_for(
-                lambda: session.scalars(
-                    select(Notification).where(
-                        Notification.url == dead, Notification.state == "failed"
-                    )
-                ).first(),
-                timeout=15,
-            )
+        wait_for(lambda: gave_up(job_log.sessions, dead), timeout=15)
     finally:
         sender.stop()
 
