@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DestinationSettings
 from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, upgrade
-from dicom_ai_node.web import HttpServer, NodeMetrics
+from dicom_ai_node.web.metrics import NodeMetrics
+from dicom_ai_node.web.server import HttpServer
 from tests.web.support import TOKEN, JobLog, Running
 
 

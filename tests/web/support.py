@@ -30,7 +30,7 @@ from dicom_ai_node.jobs.models import (
 from dicom_ai_node.jobs.store import add_event
 from dicom_ai_node.report import ReportContext, build_sc, result_uids
 from dicom_ai_node.synth.studies import Label, Task, generate_studies
-from dicom_ai_node.web import HttpServer
+from dicom_ai_node.web.server import HttpServer
 
 TOKEN = "test-token-0123456789"
 CARD = ModelCard(

@@ -15,7 +15,8 @@ from sqlalchemy import select
 from dicom_ai_node.dispatch.scu import Peer, send_files
 from dicom_ai_node.jobs.models import Job
 from dicom_ai_node.synth import Label, Task, generate_studies
-from dicom_ai_node.web import HttpServer, NodeMetrics
+from dicom_ai_node.web.metrics import NodeMetrics
+from dicom_ai_node.web.server import HttpServer
 from tests.helpers import wait_for
 from tests.web.support import TOKEN
 

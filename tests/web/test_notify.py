@@ -14,8 +14,9 @@ from sqlalchemy import select
 
 from dicom_ai_node.jobs.models import Event, JobState
 from dicom_ai_node.jobs.queue import transition
-from dicom_ai_node.web import NotificationSettings, Notifier
 from dicom_ai_node.web.models import Notification
+from dicom_ai_node.web.notify import Notifier
+from dicom_ai_node.web.settings import NotificationSettings
 from tests.helpers import free_port, wait_for
 
 
