@@ -124,6 +124,7 @@ def run_node(files: list[Path], work: Path, repeat: int) -> tuple[list[float], f
             **ENV,
             "DICOM_AI_NODE_CONFIG": str(work / "bench.toml"),
             "DICOM_AI_NODE_DICOM__PORT": str(port),
+            "DICOM_AI_NODE_HTTP__PORT": "0",
             "DICOM_AI_NODE_STORAGE__DATA_DIR": str(data),
         }
         (work / "bench.toml").write_text(

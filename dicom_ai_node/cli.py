@@ -106,6 +106,11 @@ def serve(config: ConfigOption = None) -> None:
         log.info("stopping (%s)", signal.Signals(signum).name)
         stop.set()
 
+    if node.http.token_generated:
+        # Printed, not logged, so the token stays out of shipped logs.
+        err.print(f"dashboard: {node.http.login_url}")
+    else:
+        log.info("dashboard: %s", node.http.url)
     signal.signal(signal.SIGINT, _signal)
     signal.signal(signal.SIGTERM, _signal)
     log.info(

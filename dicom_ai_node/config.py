@@ -23,6 +23,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from dicom_ai_node.web.settings import NotificationSettings
+
 CONFIG_ENV = "DICOM_AI_NODE_CONFIG"
 DEFAULT_CONFIG = Path("config/node.toml")
 
@@ -83,6 +85,7 @@ class HttpSettings(_Section):
     bind: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     token: str = ""
+    public_url: str = Field(default="", description="Where users reach the dashboard")
 
 
 class AssembleSettings(_Section):
@@ -185,6 +188,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
     destinations: list[DestinationSettings] = []
     routes: list[RouteSettings] = []
+    notifications: list[NotificationSettings] = []
 
     @model_validator(mode="after")
     def _cross_check(self) -> Settings:

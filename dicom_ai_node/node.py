@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import time
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pydicom import dcmread
 from pydicom.uid import KeyObjectSelectionDocumentStorage
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from dicom_ai_node import __version__
@@ -34,6 +35,9 @@ from dicom_ai_node.receive.record import close_stale_associations, reindex
 from dicom_ai_node.receive.scp import StorageSCP
 from dicom_ai_node.route import plan_series, plan_study
 from dicom_ai_node.spool import Spool
+from dicom_ai_node.web.metrics import NodeMetrics
+from dicom_ai_node.web.notify import Notifier
+from dicom_ai_node.web.server import HttpServer
 
 if TYPE_CHECKING:
     from dicom_ai_node.infer.prediction import SeriesPrediction
@@ -62,6 +66,7 @@ class Node:
         self.engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
         self.sessions = session_factory(self.engine)
         self.read_sessions = session_factory(read_only(self.engine))
+        self.metrics = NodeMetrics(self.read_sessions)
         self.spool = Spool(settings.storage.data_dir)
         self.models = models if models is not None else self._load_models()
         extra = tuple(
@@ -74,6 +79,7 @@ class Node:
             settings.node_name,
             min_free_bytes=settings.storage.min_free_mb * 1024 * 1024,
             extra_keywords=extra,
+            metrics=self.metrics,
         )
         self.worker = Worker(
             self.sessions,
@@ -89,6 +95,27 @@ class Node:
             settings.dispatch,
             settings.dicom.ae_title,
             self.owner,
+            on_outcome=lambda name, outcome: self.metrics.dispatch_attempt(name, outcome.ok),
+            on_delivered=lambda seconds: self.metrics.end_to_end_seconds(seconds, "delivered"),
+        )
+        self.http = HttpServer(
+            self.sessions,
+            read_sessions=self.read_sessions,
+            metrics=self.metrics,
+            health=self.health,
+            bind=settings.http.bind,
+            port=settings.http.port,
+            token=settings.http.token,
+            destinations=settings.destinations,
+            node_name=settings.node_name,
+        )
+        self.notifier = Notifier(
+            self.sessions,
+            settings.notifications,
+            owner=self.owner,
+            node_name=settings.node_name,
+            dashboard_url=settings.http.public_url,
+            metrics=self.metrics,
         )
         self._stop = threading.Event()
         self._assembler: threading.Thread | None = None
@@ -144,15 +171,37 @@ class Node:
         self._assembler.start()
         self.worker.start()
         self.dispatcher.start()
+        self.http.start()
+        self.notifier.start()
+
+    def health(self) -> list[str]:
+        """What is wrong with the node (nothing = healthy), for ``/healthz``."""
+        problems = [] if self.scp.listening else ["the DICOM listener is not listening"]
+        try:
+            with self.read_sessions() as session:
+                session.execute(text("SELECT 1"))
+        except Exception as exc:
+            problems.append(f"job log: {type(exc).__name__}: {exc}")
+        missing = {route.model for route in self.settings.routes} - set(self.models)
+        if missing:
+            problems.append(f"models not loaded: {', '.join(sorted(missing))}")
+        if not self.scp.space_left():
+            problems.append(
+                f"spool below its free-space floor ({self.settings.storage.min_free_mb} MB): "
+                "refusing new instances"
+            )
+        return problems
 
     def stop(self) -> None:
         """Stop accepting, let in-flight associations finish, stop the stages."""
+        self.http.stop()
         self.scp.stop()
         self._stop.set()
         if self._assembler is not None:
             self._assembler.join()
         self.worker.stop()
         self.dispatcher.stop()
+        self.notifier.stop()
         self.engine.dispose()
 
     # --- assemble and route ----------------------------------------------------------------
@@ -222,7 +271,9 @@ class Node:
         if model is None:
             raise RuntimeError(f"model {job.model!r} is not loaded")
         paths = [Path(instance.path) for instance in instances]
+        started = time.monotonic()
         prediction = model.predict_series(paths)
+        self.metrics.inference_seconds(model.card.name, time.monotonic() - started)
         log.info(
             "job %d: %s %.3f (%s %s, %d images)",
             job.id,
@@ -251,6 +302,9 @@ class Node:
                 model_version=prediction.model_version,
                 error=None,
             )
+        last_received = max(instance.received_at for instance in instances)
+        self.metrics.end_to_end_seconds((utcnow() - last_received).total_seconds(), "written")
+        self.notifier.wake()
         if deliveries:
             self.dispatcher.wake()
         if self.on_job_finished is not None:

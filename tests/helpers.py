@@ -57,6 +57,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "node_name": "test-node",
         "dicom": {"bind": "127.0.0.1", "port": 0},
+        "http": {"bind": "127.0.0.1", "port": 0},
         "storage": {"data_dir": tmp_path / "var", "min_free_mb": 0},
         "assemble": {"stable_seconds": 0.3, "poll_seconds": 0.1},
         "worker": {"poll_seconds": 0.1, "lease_seconds": 10},

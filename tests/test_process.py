@@ -32,6 +32,7 @@ class Served:
             **os.environ,
             "DICOM_AI_NODE_DICOM__BIND": "127.0.0.1",
             "DICOM_AI_NODE_DICOM__PORT": str(self.port),
+            "DICOM_AI_NODE_HTTP__PORT": "0",
             "DICOM_AI_NODE_STORAGE__DATA_DIR": str(self.data),
             "DICOM_AI_NODE_STORAGE__MIN_FREE_MB": "0",
             "DICOM_AI_NODE_ASSEMBLE__STABLE_SECONDS": "0.5",

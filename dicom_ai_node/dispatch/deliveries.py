@@ -16,12 +16,20 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DestinationSettings, DispatchSettings
 from dicom_ai_node.dispatch.scu import Peer, SendOutcome, send_files
-from dicom_ai_node.jobs.models import Delivery, DeliveryState, Job, JobState, Result, utcnow
+from dicom_ai_node.jobs.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Result,
+    utcnow,
+)
 from dicom_ai_node.jobs.queue import transition
 from dicom_ai_node.jobs.store import add_event
 
@@ -90,12 +98,15 @@ def record_outcome(
     outcome: SendOutcome,
     settings: DispatchSettings,
     now: datetime | None = None,
-) -> None:
-    """Record one attempt; schedule the next one or close the delivery."""
+) -> bool:
+    """Record one attempt; schedule the next one or close the delivery.
+
+    Returns whether this completed the delivery of its job's results (job now ``done``).
+    """
     now = now or utcnow()
     delivery = session.get(Delivery, delivery_id, populate_existing=True)
     if delivery is None:
-        return
+        return False
     delivery.attempts += 1
     delivery.last_status = outcome.status
     delivery.last_error = outcome.error or None
@@ -136,17 +147,17 @@ def record_outcome(
             status=outcome.status,
         )
     session.flush()
-    settle_job(session, delivery.job_id)
+    return settle_job(session, delivery.job_id)
 
 
-def settle_job(session: Session, job_id: int) -> None:
-    """Close a delivering job once none of its deliveries is pending."""
+def settle_job(session: Session, job_id: int) -> bool:
+    """Close a delivering job once none of its deliveries is pending; ``True`` if done."""
     job = session.get(Job, job_id)
     if job is None or job.state != JobState.DELIVERING.value:
-        return
+        return False
     states = set(session.scalars(select(Delivery.state).where(Delivery.job_id == job_id)).all())
     if DeliveryState.PENDING.value in states:
-        return
+        return False
     if DeliveryState.FAILED.value in states:
         transition(
             session,
@@ -155,8 +166,23 @@ def settle_job(session: Session, job_id: int) -> None:
             f"job {job_id}: some results could not be delivered",
             error="delivery failed",
         )
-    else:
-        transition(session, job_id, JobState.DONE, f"job {job_id}: all results delivered")
+        return False
+    transition(session, job_id, JobState.DONE, f"job {job_id}: all results delivered")
+    return True
+
+
+def last_received(session: Session, job_id: int) -> datetime | None:
+    """When the last instance of a job's series (or study) arrived."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    query = select(func.max(Instance.received_at)).where(
+        Instance.study_instance_uid == job.study_instance_uid
+    )
+    if job.series_instance_uid is not None:
+        query = query.where(Instance.series_instance_uid == job.series_instance_uid)
+    value: datetime | None = session.scalar(query)
+    return value
 
 
 def resend(session: Session, job_id: int) -> int:
@@ -192,11 +218,13 @@ class Dispatcher:
         calling_ae_title: str,
         owner: str,
         on_outcome: Callable[[str, SendOutcome], None] | None = None,
+        on_delivered: Callable[[float], None] | None = None,
     ) -> None:
         self.sessions = sessions
         self.settings = settings
         self.owner = owner
         self.on_outcome = on_outcome
+        self.on_delivered = on_delivered
         self.peers = {
             d.name: Peer(d.ae_title, d.host, d.port, calling_ae_title) for d in destinations
         }
@@ -244,7 +272,13 @@ class Dispatcher:
         outcomes = send_files(list(by_path), self.peers[name], timeout=self.settings.timeout)
         for outcome in outcomes:
             with self.sessions.begin() as session:
-                record_outcome(session, by_path[outcome.path], outcome, self.settings)
+                job_done = record_outcome(session, by_path[outcome.path], outcome, self.settings)
+                delivery = session.get(Delivery, by_path[outcome.path])
+                received = (
+                    last_received(session, delivery.job_id) if job_done and delivery else None
+                )
+            if received is not None and self.on_delivered is not None:
+                self.on_delivered((utcnow() - received).total_seconds())
             if self.on_outcome is not None:
                 self.on_outcome(name, outcome)
             level = logging.INFO if outcome.ok else logging.WARNING

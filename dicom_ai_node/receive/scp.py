@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -38,6 +38,7 @@ from dicom_ai_node.config import DicomSettings
 from dicom_ai_node.receive.header import UnreadableInstanceError, read_header
 from dicom_ai_node.receive.record import close_association, open_association, record_instance
 from dicom_ai_node.spool import InvalidUIDError, Spool
+from dicom_ai_node.web.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ def _status(code: int, comment: str) -> Dataset:
 class StorageSCP:
     """The node's listener: accepts associations and stores what they send.
 
-    ``on_stored`` is called after each stored instance (for metrics); ``min_free_bytes``
-    makes the handler refuse instances (0xA700) while the spool's disk is fuller than that.
+    ``min_free_bytes`` makes the handler refuse instances (0xA700) while the spool's disk
+    has less free space than that; ``metrics`` counts instances and associations.
     """
 
     def __init__(
@@ -99,7 +100,7 @@ class StorageSCP:
         *,
         min_free_bytes: int = 0,
         extra_keywords: tuple[str, ...] = (),
-        on_stored: Callable[[str, int], None] | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -110,7 +111,7 @@ class StorageSCP:
         self.node_name = node_name
         self.min_free_bytes = min_free_bytes
         self.extra_keywords = extra_keywords
-        self.on_stored = on_stored
+        self.metrics = metrics
         self._associations: dict[int, _AssociationInfo] = {}
         self._space_ok = True
         self._space_checked_at = -1e9
@@ -221,6 +222,8 @@ class StorageSCP:
         )
         with self._lock:
             self._associations[id(assoc)] = info
+        if self.metrics is not None:
+            self.metrics.association_opened()
         try:
             with self.sessions.begin() as session:
                 open_association(
@@ -239,6 +242,8 @@ class StorageSCP:
             info = self._associations.pop(id(event.assoc), None)
         if info is None:
             return  # already recorded (a release is followed by a connection close)
+        if self.metrics is not None:
+            self.metrics.association_closed()
         try:
             with self.sessions.begin() as session:
                 close_association(session, info.id, outcome)
@@ -256,6 +261,8 @@ class StorageSCP:
         )
 
     def _on_rejected(self, event: evt.Event) -> None:
+        if self.metrics is not None:
+            self.metrics.association_rejected()
         requestor = event.assoc.requestor
         log.warning(
             "association from %s (%s:%s) rejected",
@@ -271,15 +278,18 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         info = self._info(event.assoc)
-        status = self._store(event, info)
+        status, size = self._store(event, info)
+        code = status if isinstance(status, int) else int(status.Status)
         if info is not None:
-            if isinstance(status, int) and status == STATUS_SUCCESS:
+            if code == STATUS_SUCCESS:
                 info.stored += 1
             else:
                 info.failed += 1
+        if self.metrics is not None:
+            self.metrics.instance_received(info.calling_ae_title if info else "", code, size)
         return status
 
-    def _space_left(self) -> bool:
+    def space_left(self) -> bool:
         """Whether the spool has more free space than the floor (checked at most once a
         second: a statvfs per instance costs more than the rest of the handler's checks)."""
         if not self.min_free_bytes:
@@ -290,7 +300,8 @@ class StorageSCP:
             self._space_checked_at = now
         return self._space_ok
 
-    def _store(self, event: evt.Event, info: _AssociationInfo | None) -> int | Dataset:
+    def _store(self, event: evt.Event, info: _AssociationInfo | None) -> tuple[int | Dataset, int]:
+        """Store one instance: (the status to answer, the bytes stored)."""
         association_id = info.id if info else None
         calling = info.calling_ae_title if info else ""
         request = cast(C_STORE, event.request)
@@ -303,30 +314,30 @@ class StorageSCP:
             )
         except UnreadableInstanceError as exc:
             log.warning("association %s: refused an instance: %s", association_id, exc)
-            return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
+            return _status(STATUS_CANNOT_UNDERSTAND, str(exc)), 0
         if header.sop_instance_uid != str(request.AffectedSOPInstanceUID).rstrip("\0 "):
             reason = "SOP Instance UID differs from the request's Affected SOP Instance UID"
             log.warning("association %s: refused %s: %s", association_id, header, reason)
-            return _status(STATUS_CANNOT_UNDERSTAND, reason)
+            return _status(STATUS_CANNOT_UNDERSTAND, reason), 0
         if header.sop_class_uid != str(request.AffectedSOPClassUID).rstrip("\0 "):
             reason = "SOP Class UID differs from the request's Affected SOP Class UID"
             log.warning("association %s: refused an instance: %s", association_id, reason)
-            return _status(STATUS_SOP_CLASS_MISMATCH, reason)
-        if not self._space_left():
+            return _status(STATUS_SOP_CLASS_MISMATCH, reason), 0
+        if not self.space_left():
             log.error("spool disk below its free-space floor: refusing instances (0xA700)")
-            return _status(STATUS_OUT_OF_RESOURCES, "node storage is full")
+            return _status(STATUS_OUT_OF_RESOURCES, "node storage is full"), 0
         try:
             path = self.spool.instance_path(
                 header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
             )
         except InvalidUIDError as exc:
-            return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
+            return _status(STATUS_CANNOT_UNDERSTAND, str(exc)), 0
         replaces_file = path.exists()
         try:
             self.spool.write(path, encoded)
         except OSError as exc:
             log.error("association %s: cannot write %s: %s", association_id, path, exc)
-            return _status(STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}")
+            return _status(STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}"), 0
         try:
             with self.engine.begin() as connection:
                 recorded = record_instance(
@@ -336,9 +347,7 @@ class StorageSCP:
             log.exception("association %s: cannot record an instance", association_id)
             if not replaces_file:  # never delete an earlier copy that was acknowledged
                 self.spool.remove(path)
-            return _status(STATUS_OUT_OF_RESOURCES, f"job log unavailable: {type(exc).__name__}")
+            return _status(STATUS_OUT_OF_RESOURCES, f"job log unavailable: {type(exc).__name__}"), 0
         if recorded.old_path is not None:
             self.spool.remove(Path(recorded.old_path))
-        if self.on_stored is not None:
-            self.on_stored(calling, len(encoded))
-        return STATUS_SUCCESS
+        return STATUS_SUCCESS, len(encoded)
