@@ -38,6 +38,19 @@ ROUTING_KEYWORDS = (
 )
 
 
+_IDENTIFYING = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "InstanceNumber",
+    "PatientID",
+    "AccessionNumber",
+    "StudyDate",
+)
+
+
 class UnreadableInstanceError(ValueError):
     """A data set the node cannot use; the message says why (sent back as Error Comment)."""
 
@@ -90,8 +103,13 @@ def read_header(
     C.7.3.1: all Type 1).
     """
     try:
-        ds = dcmread(BytesIO(encoded), stop_before_pixels=True)
-        ds.keys()
+        # Only the attributes used here are kept: cheaper than a full header, and the
+        # handler runs for every instance received.
+        ds = dcmread(
+            BytesIO(encoded),
+            stop_before_pixels=True,
+            specific_tags=[*_IDENTIFYING, *ROUTING_KEYWORDS, *extra_keywords],
+        )
         uids = {
             name: str(ds.get(name, "") or "").strip().rstrip("\0")
             for name in (
