@@ -138,6 +138,7 @@ def _patient_and_study(rng: np.random.Generator, task: Task, entropy: list[str])
     ds.PatientBirthDate = birth.strftime("%Y%m%d")
     ds.PatientSex = str(rng.choice(["F", "M", "O"]))
     ds.PatientIdentityRemoved = "YES"  # PS3.3 C.7.1.1: synthetic, no real patient behind it
+    ds.DeidentificationMethod = "Synthetic phantom, no patient data"  # type 1C with the above
     study_day = dt.date(2024, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365)))
     seconds = int(rng.integers(7 * 3600, 19 * 3600))
     ds.StudyDate = study_day.strftime("%Y%m%d")

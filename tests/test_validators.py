@@ -1,0 +1,99 @@
+"""The validators on what the running node really produced from synthetic studies.
+
+tests/report checks the builders on hand-made inputs; here the objects come from the node's
+outbox after a positive head CT and a positive chest radiograph went through it by
+``storescu`` (the demo models, the shipped routes): ``dciodvfy`` on every object, pixelmed's
+``DicomSRValidator`` on the SRs and the KOS, ``dsr2html`` on the SRs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from dicom_ai_node.jobs.models import Job, Result
+from dicom_ai_node.node import Node
+from dicom_ai_node.synth import Label, Task, generate_studies
+from tests.helpers import run_tool, wait_for
+from tests.report.conftest import PIXELMED_ENV, dciodvfy_errors, tool
+
+MEANINGS = {"head-ct-hemorrhage-demo": "Intracranial hemorrhage", "cxr-opacity-demo": "opacity"}
+
+
+def series_probability(sr: Dataset) -> str:
+    """The first (122157, DCM, "Probability") NUM's value, as encoded: the series result's."""
+    pending = list(sr.ContentSequence)
+    while pending:
+        item = pending.pop(0)
+        if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "122157":
+            return str(item.MeasuredValueSequence[0].NumericValue)
+        pending[:0] = list(item.get("ContentSequence", []))
+    raise AssertionError("no probability in the SR")
+
+
+def test_node_output_passes_the_validators(
+    node_factory: Callable[..., Node],
+    demo_models: dict[str, Any],
+    shipped_routes: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    node = node_factory(models=demo_models, routes=shipped_routes)
+    for task in (Task.HEAD_CT_HEMORRHAGE, Task.CXR_OPACITY):
+        study = generate_studies(task, Label.POSITIVE, 1, tmp_path / task.value, 99, slices=10)[0]
+        run_tool(
+            "storescu", "+sd", "+r", "-aec", "AINODE", "127.0.0.1", str(node.scp.port), str(study)
+        )
+
+    def finished() -> list[Job] | None:
+        with node.read_sessions() as session:
+            jobs = list(session.scalars(select(Job).where(Job.state == "done")))
+        return jobs if len(jobs) == 2 else None
+
+    jobs = wait_for(finished, timeout=120)
+    with node.read_sessions() as session:
+        results = list(session.scalars(select(Result).order_by(Result.job_id, Result.kind)))
+    assert sorted(r.kind for r in results) == ["kos", "sc", "sc", "sr", "sr"]
+    by_job = {job.id: job for job in jobs}
+    assert all(by_job[r.job_id].positive for r in results)
+
+    # pixelmed's JVM takes ~10 s to start: run it on the SRs and the KOS in parallel
+    validator = tool("DicomSRValidator")
+    documents = [r for r in results if r.kind in ("sr", "kos")]
+    runs = [
+        subprocess.Popen(
+            [validator, r.path],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **PIXELMED_ENV},
+        )
+        for r in documents
+    ]
+    try:
+        for result in results:
+            assert dciodvfy_errors(result.path) == [], result.kind
+        for result in results:
+            if result.kind != "sr":
+                continue
+            job = by_job[result.job_id]
+            html = run_tool(tool("dsr2html"), result.path).stdout
+            probability = series_probability(dcmread(result.path))
+            assert abs(float(probability) - float(job.probability or 0)) < 1e-3
+            assert MEANINGS[str(job.model)] in html
+            assert probability in html
+        outputs = [run.communicate(timeout=120)[0] for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+            run.wait()
+    for result, output in zip(documents, outputs, strict=True):
+        assert "IOD validation complete" in output, output
+        errors = [line for line in output.splitlines() if line.startswith("Error")]
+        assert errors == [], f"{result.kind}: {errors}"
