@@ -54,6 +54,12 @@ class DicomSettings(_Section):
     dimse_timeout: float = Field(default=30.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
     maximum_pdu_size: int = Field(default=0, ge=0, description="0 = unlimited")
+    max_instance_mb: float = Field(
+        default=2048,
+        gt=0,
+        description="Refuse larger instances (0xA700, PS3.4 B.2.3): bounds one file in the "
+        "spool and in memory, as pynetdicom holds a whole data set before the handler runs",
+    )
 
     @field_validator("ae_title")
     @classmethod
@@ -93,6 +99,12 @@ class AssembleSettings(_Section):
 
     stable_seconds: float = Field(default=10.0, ge=0)
     poll_seconds: float = Field(default=0.5, gt=0)
+    max_instances_per_series: int = Field(
+        default=5000,
+        ge=1,
+        description="A series (or study, for study-level jobs) with more instances is stored "
+        "but its job fails at once with 'series too large' instead of running",
+    )
 
 
 class WorkerSettings(_Section):
@@ -101,6 +113,11 @@ class WorkerSettings(_Section):
     lease_seconds: float = Field(default=60.0, gt=0)
     poll_seconds: float = Field(default=0.5, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    job_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="A job whose inference runs longer is stopped and failed (not retried)",
+    )
 
 
 class DispatchSettings(_Section):

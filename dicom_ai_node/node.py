@@ -30,7 +30,7 @@ from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, 
 from dicom_ai_node.jobs.models import Instance, Job, JobState, Prediction, Result, utcnow
 from dicom_ai_node.jobs.queue import enqueue, record_skipped, recover, transition, worker_id
 from dicom_ai_node.jobs.store import add_event, upsert
-from dicom_ai_node.jobs.worker import Worker
+from dicom_ai_node.jobs.worker import PermanentJobError, Worker
 from dicom_ai_node.receive.record import close_stale_associations, reindex
 from dicom_ai_node.receive.scp import StorageSCP
 from dicom_ai_node.route import plan_series, plan_study
@@ -262,17 +262,36 @@ class Node:
         return sorted(rows, key=lambda i: (i.series_instance_uid, i.instance_number or 0))
 
     def process_job(self, job: Job) -> None:
-        """Run a claimed job: infer, record predictions, write results, plan deliveries."""
+        """Run a claimed job: infer, record predictions, write results, plan deliveries.
+
+        Fails the job at once (:class:`PermanentJobError`) when it has more instances than
+        ``[assemble] max_instances_per_series``, when no image of it can be decoded, or when
+        inference runs past ``[worker] job_timeout_seconds``: trying again would fail alike.
+        Images that cannot be decoded are skipped and recorded in an ``images_skipped`` event.
+        """
+        from dicom_ai_node.infer.runtime import InferenceTimeoutError, NoUsableImagesError
+
         with self.read_sessions() as session:
             instances = self._instances(session, job)
         if not instances:
             raise RuntimeError("the job's instances are no longer in the spool")
+        limit = self.settings.assemble.max_instances_per_series
+        if len(instances) > limit:
+            raise PermanentJobError(
+                f"{job.level} too large: {len(instances)} instances, more than "
+                f"[assemble] max_instances_per_series = {limit}"
+            )
         model = self.models.get(job.model or "")
         if model is None:
             raise RuntimeError(f"model {job.model!r} is not loaded")
         paths = [Path(instance.path) for instance in instances]
         started = time.monotonic()
-        prediction = model.predict_series(paths)
+        try:
+            prediction = model.predict_series(
+                paths, timeout=self.settings.worker.job_timeout_seconds
+            )
+        except (NoUsableImagesError, InferenceTimeoutError) as exc:
+            raise PermanentJobError(str(exc)) from exc
         self.metrics.inference_seconds(model.card.name, time.monotonic() - started)
         log.info(
             "job %d: %s %.3f (%s %s, %d images)",
@@ -283,9 +302,26 @@ class Node:
             prediction.model_version,
             len(prediction.images),
         )
-        datasets = self._report(job, model, paths, prediction)
+        used = {image.sop_instance_uid for image in prediction.images}
+        datasets = self._report(
+            job,
+            model,
+            [Path(i.path) for i in instances if i.sop_instance_uid in used],
+            prediction,
+        )
         with self.sessions.begin() as session:
             self._record_prediction(session, job, prediction)
+            if prediction.skipped:
+                add_event(
+                    session,
+                    "images_skipped",
+                    f"job {job.id}: {len(prediction.skipped)} images or frames skipped: "
+                    + "; ".join(f"{uid}: {why}" for uid, why in prediction.skipped[:3]),
+                    job_id=job.id,
+                    study=job.study_instance_uid,
+                    series=job.series_instance_uid,
+                    skipped=[list(item) for item in prediction.skipped[:100]],
+                )
             results = self._write_results(session, job, datasets)
             deliveries = plan_deliveries(session, job, results)
             state = JobState.DELIVERING if deliveries else JobState.DONE
@@ -317,6 +353,7 @@ class Node:
 
         if not job.outputs:
             return []
+        # Only the images the prediction used: the skipped ones may not even parse.
         sources = [dcmread(path, stop_before_pixels=True) for path in paths]
         key_uid = prediction.key_image.sop_instance_uid
         key_path = next(

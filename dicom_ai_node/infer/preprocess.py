@@ -20,6 +20,7 @@ No TensorFlow here: this module runs in the decoding threads and in the trainer 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -162,14 +163,29 @@ def apply_window(
 
 
 def pixel_aspect(attrs: Dataset) -> float:
-    """Physical height / width of one pixel (PS3.3 C.7.6.2.1.1: row spacing, column spacing)."""
-    spacing: Sequence[float] | None = attrs.get("PixelSpacing") or attrs.get("ImagerPixelSpacing")
-    if spacing is not None and len(spacing) == 2 and float(spacing[1]) > 0:
-        return float(spacing[0]) / float(spacing[1])
-    ratio = attrs.get("PixelAspectRatio")  # PS3.3 C.7.6.3.1.7: vertical \ horizontal
-    if ratio is not None and len(ratio) == 2 and float(ratio[1]) > 0:
-        return float(ratio[0]) / float(ratio[1])
+    """Physical height / width of one pixel (PS3.3 C.7.6.2.1.1: row spacing, column spacing).
+
+    A value that is not two positive finite numbers (VM 2, PS3.3 C.7.6.2.1.1 and C.7.6.3.1.7)
+    is ignored: square pixels are assumed rather than the image refused.
+    """
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing", "PixelAspectRatio"):
+        pair = _positive_pair(attrs.get(keyword))  # PixelAspectRatio: vertical \ horizontal
+        if pair is not None:
+            return pair[0] / pair[1]
     return 1.0
+
+
+def _positive_pair(value: object) -> tuple[float, float] | None:
+    """Two positive finite numbers from a multi-valued DS or IS, else ``None``."""
+    if not isinstance(value, Sequence) or isinstance(value, str | bytes) or len(value) != 2:
+        return None
+    try:
+        first, second = float(value[0]), float(value[1])
+    except (TypeError, ValueError):
+        return None
+    if all(math.isfinite(v) and v > 0 for v in (first, second)):
+        return first, second
+    return None
 
 
 def fit_to_input(

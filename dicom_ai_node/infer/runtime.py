@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -24,7 +25,6 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 
 from dicom_ai_node.infer.card import Aggregation, ModelCard
 from dicom_ai_node.infer.prediction import ImagePrediction, SeriesPrediction
@@ -54,6 +54,10 @@ class ModelPackageError(Exception):
 
 class NoUsableImagesError(ValueError):
     """None of the files of a series could be decoded into a model input."""
+
+
+class InferenceTimeoutError(TimeoutError):
+    """A series took longer than its time limit; its inference was stopped."""
 
 
 def configure_tensorflow(intra_op_threads: int = 0, inter_op_threads: int = 0) -> None:
@@ -271,12 +275,19 @@ class LoadedModel:
             return np.asarray(probabilities)[:count], np.asarray(cams, dtype=np.float32)[:count]
         return np.asarray(self._forward(batch))[:count], None
 
-    def predict_series(self, paths: Sequence[Path]) -> SeriesPrediction:
+    def predict_series(
+        self, paths: Sequence[Path], *, timeout: float | None = None
+    ) -> SeriesPrediction:
         """Classify a series from its DICOM files and aggregate per the card.
 
         Files or frames that cannot be decoded are skipped and listed in ``skipped``;
         :class:`NoUsableImagesError` is raised only when no image at all could be used.
+        With ``timeout`` (seconds), :class:`InferenceTimeoutError` is raised once it has
+        passed: the clock is checked before each frame is decoded, so the run stops within
+        one frame's decoding and one batch's inference of the limit, and no thread is left
+        running.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         skipped: list[tuple[str, str]] = []
         images: list[ImagePrediction] = []
         best: tuple[float, int, npt.NDArray[np.float32]] | None = None  # key image candidate
@@ -285,7 +296,7 @@ class LoadedModel:
         explain = self.heatmaps != "key"
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer") as executor:
             pending: _Pending | None = None
-            for sources, inputs in self._batches(paths, skipped):
+            for sources, inputs in self._batches(paths, skipped, deadline, timeout):
                 # Submit this batch before collecting the previous one, so that TensorFlow
                 # computes while the next batch is decoded.
                 future = executor.submit(self.predict_batch, inputs, explain=explain)
@@ -305,27 +316,47 @@ class LoadedModel:
         return self._aggregate(images, skipped)
 
     def _batches(
-        self, paths: Sequence[Path], skipped: list[tuple[str, str]]
+        self,
+        paths: Sequence[Path],
+        skipped: list[tuple[str, str]],
+        deadline: float | None = None,
+        timeout: float | None = None,
     ) -> Iterator[tuple[list[tuple[str, int | None]], npt.NDArray[np.float32]]]:
-        """Decode the files into batches of model inputs, recording what had to be skipped."""
+        """Decode the files into batches of model inputs, recording what had to be skipped.
+
+        A file stops at its first frame that cannot be decoded (the rest of it is skipped
+        with the same reason): a header that lies, say Number of Frames = 10^6 over one
+        frame's pixel data, fails the same way for every frame, and trying each would take
+        the worker for hours.
+        """
         shape = self._empty.shape[1:]
         buffer = np.empty((self.batch_size, *shape), dtype=np.float32)
         sources: list[tuple[str, int | None]] = []
-        for path in paths:
+        for done, path in enumerate(paths):
             try:
                 ds = dcmread(path)
                 uid = str(ds.SOPInstanceUID)
                 frames = number_of_frames(ds)
-            except (InvalidDicomError, OSError, AttributeError, ValueError) as exc:
+                if frames < 1:
+                    raise ValueError(f"Number of Frames is {frames}")
+            except Exception as exc:  # pydicom raises many types on a malformed file
                 skipped.append((path.name, f"not a readable DICOM image: {exc}"))
                 continue
             for frame in range(frames):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise InferenceTimeoutError(
+                        f"inference stopped after {timeout:g} s (the job time limit), "
+                        f"at file {done + 1} of {len(paths)}"
+                    )
                 try:
                     image = to_model_input(ds, self.card.input, self.card.preprocessing, frame)
                 except Exception as exc:  # decoders raise anything from ValueError to RuntimeError
-                    where = f" frame {frame + 1}" if frames > 1 else ""
-                    skipped.append((uid, f"cannot decode{where}: {type(exc).__name__}: {exc}"))
-                    continue
+                    where = f" frame {frame + 1} of {frames}" if frames > 1 else ""
+                    rest = f" (frames {frame + 1}-{frames} skipped)" if frame + 1 < frames else ""
+                    skipped.append(
+                        (uid, f"cannot decode{where}: {type(exc).__name__}: {exc}{rest}")
+                    )
+                    break
                 buffer[len(sources)] = image
                 sources.append((uid, frame + 1 if frames > 1 else None))
                 if len(sources) == self.batch_size:

@@ -2,7 +2,8 @@
 
 The work itself is a callable handed in by the node (inference and reporting), so this loop
 knows nothing of the stages it drives. A job that raises is queued again until it has used
-its attempts, then marked failed with the error.
+its attempts, then marked failed with the error; one that raises :class:`PermanentJobError`
+is failed at once, since running it again would fail the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from dicom_ai_node.jobs.queue import claim, renew, transition
 log = logging.getLogger(__name__)
 
 JobHandler = Callable[[Job], None]
+
+
+class PermanentJobError(Exception):
+    """An error that another attempt cannot fix (the job's data or its limits): the job is
+    failed at once instead of being queued again."""
 
 
 class LeaseLostError(RuntimeError):
@@ -116,11 +122,13 @@ class Worker:
                 log.exception("job %d: cannot renew the lease", job_id)
 
     def _failed(self, job: Job, exc: Exception) -> None:
-        error = f"{type(exc).__name__}: {exc}"
-        last = job.attempts >= self.max_attempts
+        # A permanent error's message is written for the operator; others get their type.
+        permanent = isinstance(exc, PermanentJobError)
+        error = str(exc) if permanent else f"{type(exc).__name__}: {exc}"
+        last = job.attempts >= self.max_attempts or permanent
         state = JobState.FAILED if last else JobState.QUEUED
         if last:
-            log.error("job %d failed after %d attempts: %s", job.id, job.attempts, error)
+            log.error("job %d failed (attempt %d): %s", job.id, job.attempts, error)
         else:
             log.warning("job %d attempt %d failed, will retry: %s", job.id, job.attempts, error)
         with self.sessions.begin() as session:

@@ -11,7 +11,6 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
 from dicom_ai_node.spool import InvalidUIDError, check_uid
@@ -119,8 +118,12 @@ def read_header(
                 "SeriesInstanceUID",
             )
         }
-    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError) as exc:
-        raise UnreadableInstanceError(f"cannot parse the data set: {exc}") from exc
+    except Exception as exc:
+        # pydicom raises whatever a malformed stream leads it to (struct.error, EOFError,
+        # IndexError, UnicodeDecodeError, NotImplementedError...): all mean "cannot parse".
+        raise UnreadableInstanceError(
+            f"cannot parse the data set: {type(exc).__name__}: {exc}"
+        ) from exc
     for name, value in uids.items():
         if not value:
             raise UnreadableInstanceError(f"{name} is missing")
