@@ -17,7 +17,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.charset import python_encoding
 from pydicom.uid import KeyObjectSelectionDocumentStorage
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
@@ -51,6 +52,31 @@ def result_kind(sop_class_uid: str) -> str:
     if sop_class_uid == KeyObjectSelectionDocumentStorage:
         return "kos"
     return "sr" if sop_class_uid.startswith("1.2.840.10008.5.1.4.1.1.88.") else "sc"
+
+
+def usable(ds: Dataset) -> Dataset:
+    """``ds`` made safe to copy into result objects: elements that cannot be decoded (a VR
+    PS3.5 6.2 does not define, a length that does not fit the VR) are dropped, and a Specific
+    Character Set with a term PS3.3 C.12.1.1.2 does not define becomes ISO_IR 192, after
+    every text value was decoded (pydicom falls back to its default for such terms).
+
+    Only source headers copied into the results are touched; the received files are not.
+    """
+    for tag in list(ds.keys()):
+        try:
+            element = ds[tag]
+        except Exception:  # pydicom raises NotImplementedError, BytesLengthException...
+            del ds[tag]
+            continue
+        if element.VR == "SQ":
+            for item in element.value:
+                usable(item)
+    terms = ds.get("SpecificCharacterSet")
+    if terms is not None:
+        values = [terms] if isinstance(terms, str) else list(terms)
+        if any(term and term not in python_encoding for term in values):
+            ds.SpecificCharacterSet = "ISO_IR 192"
+    return ds
 
 
 class Node:
@@ -354,7 +380,7 @@ class Node:
         if not job.outputs:
             return []
         # Only the images the prediction used: the skipped ones may not even parse.
-        sources = [dcmread(path, stop_before_pixels=True) for path in paths]
+        sources = [usable(dcmread(path, stop_before_pixels=True)) for path in paths]
         key_uid = prediction.key_image.sop_instance_uid
         key_path = next(
             p for p, s in zip(paths, sources, strict=True) if s.SOPInstanceUID == key_uid
@@ -368,7 +394,7 @@ class Node:
         return list(
             build_results(
                 sources,
-                dcmread(key_path),
+                usable(dcmread(key_path)),
                 prediction,
                 model.card,
                 [cast(Output, output) for output in job.outputs],

@@ -51,6 +51,7 @@ class Case:
     data: bytes
     sop_class: str
     sop_instance: str
+    transfer_syntax: str
     study: str
     series: str
     status: int
@@ -134,9 +135,10 @@ def _case(
         data=data,
         sop_class=sop_class,
         sop_instance=sop_instance,
+        transfer_syntax=transfer_syntax,
         study=str(ds.get("StudyInstanceUID", "")),
         series=str(ds.get("SeriesInstanceUID", "")),
-        status=status if status else 0x0000,
+        status=status,
         job=job if status == 0x0000 else None,
         skipped=skipped,
         sender=sender,
@@ -189,6 +191,7 @@ def overlong_element_length() -> Case:
         "Patient's Name length 40 bytes longer than its value: swallows the next elements",
         ds,
         body,
+        job="done",
     )
 
 

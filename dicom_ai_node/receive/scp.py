@@ -35,6 +35,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DicomSettings
+from dicom_ai_node.jobs.store import add_event
 from dicom_ai_node.receive.header import UnreadableInstanceError, read_header
 from dicom_ai_node.receive.record import close_association, open_association, record_instance
 from dicom_ai_node.spool import InvalidUIDError, Spool
@@ -297,7 +298,25 @@ class StorageSCP:
                 info.failed += 1
         if self.metrics is not None:
             self.metrics.instance_received(info.calling_ae_title if info else "", code, size)
+        if isinstance(status, Dataset):
+            self._record_refusal(info, code, str(status.ErrorComment))
         return status
+
+    def _record_refusal(self, info: _AssociationInfo | None, code: int, comment: str) -> None:
+        """Add an ``instance_refused`` event, so the job log says why an instance was
+        refused as well as the sender's log does (best effort: the job log may be the
+        reason)."""
+        try:
+            with self.engine.begin() as connection:
+                add_event(
+                    connection,
+                    "instance_refused",
+                    f"0x{code:04X}: {comment}",
+                    association_id=info.id if info else None,
+                    status=code,
+                )
+        except Exception:
+            log.exception("cannot record a refused instance in the job log")
 
     def space_left(self) -> bool:
         """Whether the spool has more free space than the floor (checked at most once a
@@ -317,6 +336,15 @@ class StorageSCP:
         request = cast(C_STORE, event.request)
         try:
             encoded = event.encoded_dataset()
+            if len(encoded) > self.settings.max_instance_mb * 2**20:
+                # pynetdicom hands over a data set only once all of it has arrived, so this
+                # bounds what is written and kept, not what was buffered (PS3.4 B.2.3: 0xA700).
+                reason = (
+                    f"instance too large: {len(encoded) / 2**20:.1f} MB, "
+                    f"limit {self.settings.max_instance_mb:g} MB"
+                )
+                log.warning("association %s: refused an instance: %s", association_id, reason)
+                return _status(STATUS_OUT_OF_RESOURCES, reason), 0
             header = read_header(
                 encoded,
                 self.extra_keywords,
