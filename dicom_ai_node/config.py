@@ -9,6 +9,7 @@ environment variable ``DICOM_AI_NODE_<SECTION>__<KEY>`` (for example
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -40,6 +41,36 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class TlsSettings(_Section):
+    """DICOM over TLS for the listener (PS3.15 Annex B.1): when enabled, it speaks TLS only."""
+
+    enabled: bool = False
+    certificate: Path | None = Field(default=None, description="PEM certificate (chain)")
+    private_key: Path | None = Field(default=None, description="PEM private key, unencrypted")
+    ca_certificates: Path | None = Field(
+        default=None, description="PEM CA certificates that client certificates must chain to"
+    )
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("certificate and private_key are required when TLS is enabled")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates")
+        return self
+
+
+def _networks(values: list[str]) -> list[str]:
+    """Check IP addresses and networks (``10.0.0.5``, ``10.0.0.0/24``, ``fd00::/8``)."""
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address or network") from None
+    return values
+
+
 class DicomSettings(_Section):
     """The DICOM listener (the SCP that a PACS sends to)."""
 
@@ -49,6 +80,12 @@ class DicomSettings(_Section):
     allowed_calling_aets: list[str] = Field(
         default=[], description="Calling AE titles allowed to associate; empty = any"
     )
+    allowed_addresses: dict[str, list[str]] = Field(
+        default={},
+        description="Calling AE title -> IP addresses/networks it may associate from; "
+        '"*" applies to the AE titles not listed; absent = any address',
+    )
+    tls: TlsSettings = TlsSettings()
     maximum_associations: int = Field(default=10, ge=1)
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=30.0, gt=0)
@@ -67,6 +104,21 @@ class DicomSettings(_Section):
         if not value.strip():
             raise ValueError("an AE title cannot be blank")
         return value.strip()
+
+    @field_validator("allowed_addresses")
+    @classmethod
+    def _check_addresses(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {ae.strip(): _networks(networks) for ae, networks in value.items()}
+
+    @model_validator(mode="after")
+    def _addresses_of_allowed_aets(self) -> DicomSettings:
+        if self.allowed_calling_aets:
+            unknown = set(self.allowed_addresses) - {"*", *self.allowed_calling_aets}
+            if unknown:
+                raise ValueError(
+                    f"allowed_addresses: {', '.join(sorted(unknown))} not in allowed_calling_aets"
+                )
+        return self
 
 
 class StorageSettings(_Section):
@@ -137,6 +189,22 @@ class DestinationSettings(_Section):
     ae_title: str = Field(pattern=_AE_TITLE)
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: bool = Field(default=False, description="DICOM over TLS (PS3.15 Annex B.1)")
+    ca_certificates: Path | None = Field(
+        default=None, description="PEM CAs the peer's certificate must chain to; none = system's"
+    )
+    certificate: Path | None = Field(default=None, description="Our client certificate (PEM)")
+    private_key: Path | None = Field(default=None, description="Its private key (PEM)")
+    server_name: str = Field(default="", description="Name in the peer's certificate; = host")
+
+    @model_validator(mode="after")
+    def _tls_options(self) -> DestinationSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        uses_tls = self.ca_certificates or self.certificate or self.server_name
+        if uses_tls and not self.tls:
+            raise ValueError("TLS options given but tls = false")
+        return self
 
 
 class RouteSettings(_Section):

@@ -32,8 +32,30 @@ from dicom_ai_node.jobs.models import (
 )
 from dicom_ai_node.jobs.queue import transition
 from dicom_ai_node.jobs.store import add_event
+from dicom_ai_node.tls import client_context
 
 log = logging.getLogger(__name__)
+
+
+def peer(destination: DestinationSettings, calling_ae_title: str) -> Peer:
+    """The peer of a configured destination; its TLS context (certificates read now, so a
+    missing file is a configuration error at startup, not a failed delivery later)."""
+    context = None
+    if destination.tls:
+        context = client_context(
+            f"destinations.{destination.name}",
+            destination.ca_certificates,
+            destination.certificate,
+            destination.private_key,
+        )
+    return Peer(
+        destination.ae_title,
+        destination.host,
+        destination.port,
+        calling_ae_title,
+        tls=context,
+        server_name=destination.server_name,
+    )
 
 
 def plan_deliveries(session: Session, job: Job, results: list[Result]) -> int:
@@ -225,9 +247,7 @@ class Dispatcher:
         self.owner = owner
         self.on_outcome = on_outcome
         self.on_delivered = on_delivered
-        self.peers = {
-            d.name: Peer(d.ae_title, d.host, d.port, calling_ae_title) for d in destinations
-        }
+        self.peers = {d.name: peer(d, calling_ae_title) for d in destinations}
         self._stop = threading.Event()
         self._wake = {name: threading.Event() for name in self.peers}
         self._threads: list[threading.Thread] = []

@@ -10,6 +10,7 @@ contexts per association: more are split over several associations).
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,18 @@ _MAX_CONTEXTS = 128
 
 @dataclass(frozen=True)
 class Peer:
-    """Where to send: the peer's AE title, host and port, and our own AE title."""
+    """Where to send: the peer's AE title, host and port, and our own AE title.
+
+    With ``tls`` the association runs over TLS (PS3.15 Annex B.1) and the peer's
+    certificate must name ``server_name`` (the host when empty).
+    """
 
     ae_title: str
     host: str
     port: int
     calling_ae_title: str = "AINODE"
+    tls: ssl.SSLContext | None = None
+    server_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,8 @@ def send_files(
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         ae.connection_timeout = timeout
         ae.requested_contexts = _contexts(batch)
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+        tls_args = (peer.tls, peer.server_name or peer.host) if peer.tls else None
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
         if not assoc.is_established:
             error = "association rejected" if assoc.is_rejected else "association failed or aborted"
             for f in batch:

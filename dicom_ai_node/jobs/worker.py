@@ -115,9 +115,11 @@ class Worker:
         while not done.wait(self.lease_seconds / 3):
             try:
                 with self.sessions.begin() as session:
-                    if not renew(session, job_id, self.owner, self.lease_seconds):
+                    renewed = renew(session, job_id, self.owner, self.lease_seconds)
+                if not renewed:
+                    if not done.is_set():  # not merely finished a moment ago
                         log.warning("job %d: lease lost to another worker", job_id)
-                        return
+                    return
             except Exception:
                 log.exception("job %d: cannot renew the lease", job_id)
 

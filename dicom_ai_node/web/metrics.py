@@ -84,6 +84,11 @@ class NodeMetrics:
         self._bytes = Counter(
             f"{PREFIX}_received_bytes", "Bytes of instances received", registry=self.registry
         )
+        self._spool_full = Gauge(
+            f"{PREFIX}_spool_below_floor",
+            "1 while the spool's free space is below its floor and instances are refused",
+            registry=self.registry,
+        )
         self._associations_active = Gauge(
             f"{PREFIX}_associations_active", "DICOM associations open now", registry=self.registry
         )
@@ -132,6 +137,10 @@ class NodeMetrics:
         """One C-STORE request answered with ``status`` (0 = success); ``nbytes`` stored."""
         self._instances.labels(calling_aet, f"0x{status:04X}").inc()
         self._bytes.inc(nbytes)
+
+    def spool_below_floor(self, below: bool) -> None:
+        """Whether the node refuses instances for lack of disk space (0xA700)."""
+        self._spool_full.set(1 if below else 0)
 
     def association_opened(self) -> None:
         self._associations.inc()

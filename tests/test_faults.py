@@ -1,0 +1,248 @@
+"""Faults really done: a full disk, kill -9 mid-association, and a chaos run of kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dicom_ai_node.jobs.models import Instance, Job, Result
+from dicom_ai_node.node import Node
+from dicom_ai_node.synth import Label, Task, generate_studies
+from tests.helpers import instance, wait_for
+from tests.test_process import Served
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 24 MB file system (tmpfs), so that the disk can really fill up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _store_status(node: Node) -> int:
+    from pynetdicom import AE
+
+    ae = AE(ae_title="FILLER")
+    ae.add_requested_context(CT)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="AINODE")
+    assert assoc.is_established
+    status = int(assoc.send_c_store(instance()).Status)
+    assoc.release()
+    return status
+
+
+def _http_json(url: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_full_disk_refuses_with_out_of_resources_and_resumes_by_itself(
+    node_factory: Callable[..., Node], small_disk: Path
+) -> None:
+    node = node_factory(routes=[], storage={"data_dir": small_disk / "var", "min_free_mb": 8})
+    assert _store_status(node) == 0x0000
+    ballast = small_disk / "ballast"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    ballast.write_bytes(b"\0" * (free - 4 * 2**20))  # leave 4 MB: below the 8 MB floor
+    time.sleep(1.1)  # the handler looks at the disk at most once a second
+    assert _store_status(node) == 0xA700
+    code, health = _http_json(f"http://127.0.0.1:{node.http.port}/healthz")
+    assert code == 503
+    assert "free-space floor" in json.dumps(health)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{node.http.port}/metrics").read()
+    assert b"dicom_ai_node_spool_below_floor 1.0" in metrics
+    ballast.unlink()
+    wait_for(lambda: _store_status(node) == 0x0000, timeout=10, interval=0.3)
+    assert _http_json(f"http://127.0.0.1:{node.http.port}/healthz")[0] == 200
+    with node.read_sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 2
+
+
+def _acknowledged(storescu_log: str) -> set[str]:
+    """SOP Instance UIDs that storescu (-v) saw acknowledged: a "Sending file" line followed
+    by a successful (or warning) Store Response."""
+    acknowledged, current = set(), None
+    for line in storescu_log.splitlines():
+        if line.startswith("I: Sending file: "):
+            current = line.removeprefix("I: Sending file: ").strip()
+        elif line.startswith("I: Received Store Response (") and current is not None:
+            if "Success" in line or "Warning" in line:
+                acknowledged.add(str(dcmread(current, stop_before_pixels=True).SOPInstanceUID))
+            current = None
+    return acknowledged
+
+
+def _acknowledged_by_dcmsend(dcmsend_log: str, files: list[Path]) -> set[str]:
+    """SOP Instance UIDs that dcmsend (-v, one association) saw acknowledged: message N
+    carries the N-th file."""
+    acknowledged, current = set(), None
+    for line in dcmsend_log.splitlines():
+        if line.startswith("I: Sending C-STORE Request (MsgID "):
+            current = int(line.split("MsgID ", 1)[1].split(",", 1)[0])
+        elif line.startswith("I: Received C-STORE Response (") and current is not None:
+            if "Success" in line or "Warning" in line:
+                path = files[current - 1]
+                acknowledged.add(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+            current = None
+    return acknowledged
+
+
+def test_kill_mid_association_keeps_every_acknowledged_instance(
+    tmp_path: Path,
+) -> None:
+    study = generate_studies(
+        Task.HEAD_CT_HEMORRHAGE, Label.NEGATIVE, 1, tmp_path / "in", seed=11, slices=200
+    )[0]
+    files = sorted(study.rglob("*.dcm"))
+    served = Served(tmp_path)
+    served.start()
+    try:
+        sender = subprocess.Popen(
+            ["storescu", "-v", "-aec", "AINODE", "127.0.0.1", str(served.port), *map(str, files)],
+            env={**os.environ, "TCP_NODELAY": "1"},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        engine = served.engine()
+
+        def some_stored() -> bool:
+            with Session(engine) as session:
+                return (session.scalar(select(func.count()).select_from(Instance)) or 0) > 20
+
+        wait_for(some_stored, timeout=60, interval=0.01)
+        served.signal(signal.SIGKILL)
+        _, log = sender.communicate(timeout=60)
+        assert sender.returncode != 0  # the association died under it
+        acknowledged = _acknowledged(log)
+        assert 20 < len(acknowledged) < len(files)
+        served.start()  # restart: re-indexes the spool, closes the lost association
+        with Session(engine) as session:
+            rows = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
+        assert acknowledged <= set(rows)
+        assert all(Path(rows[uid].path).is_file() for uid in acknowledged)
+        assert not list(served.data.rglob(".tmp-*"))
+        engine.dispose()
+    finally:
+        if served.proc is not None:
+            served.proc.kill()
+            served.proc.wait()
+
+
+def test_chaos_thirty_studies_with_random_kills(tmp_path: Path) -> None:
+    """Sends 30 studies while the node is killed (-9) and restarted at random moments;
+    then every acknowledged instance is stored, every job completes, and each job has one
+    set of results (no second copy with other UIDs)."""
+    rng = random.Random(2026)
+    studies = [
+        *generate_studies(Task.CXR_OPACITY, Label.POSITIVE, 8, tmp_path / "in", seed=5, size=256),
+        *generate_studies(Task.CXR_OPACITY, Label.NEGATIVE, 8, tmp_path / "in", seed=6, size=256),
+        *generate_studies(
+            Task.HEAD_CT_HEMORRHAGE, Label.POSITIVE, 7, tmp_path / "in", seed=7, slices=6, size=128
+        ),
+        *generate_studies(
+            Task.HEAD_CT_HEMORRHAGE, Label.NEGATIVE, 7, tmp_path / "in", seed=8, slices=6, size=128
+        ),
+    ]
+    rng.shuffle(studies)
+    served = Served(tmp_path)
+    served.start()
+    engine = served.engine()
+    acknowledged: set[str] = set()
+    kills = 0
+    try:
+        for n, study in enumerate(studies):
+            files = sorted(study.rglob("*.dcm"))
+            for _attempt in range(5):  # a sender retries what was not acknowledged
+                # dcmsend proposes each file's own (possibly compressed) transfer syntax.
+                result = subprocess.run(
+                    [
+                        "dcmsend",
+                        "-v",
+                        "-aec",
+                        "AINODE",
+                        "127.0.0.1",
+                        str(served.port),
+                        *map(str, files),
+                    ],
+                    env={**os.environ, "TCP_NODELAY": "1"},
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                acknowledged |= _acknowledged_by_dcmsend(result.stdout + result.stderr, files)
+                if result.returncode == 0:
+                    break
+                if served.proc is None or served.proc.poll() is not None:
+                    served.proc = None
+                    served.start()
+            if n % 5 == 2:  # kill at a random moment in the next few seconds of work
+                time.sleep(rng.uniform(0.0, 1.5))
+                served.signal(signal.SIGKILL)
+                kills += 1
+                served.start()
+
+        def all_finished() -> list[Job] | None:
+            with Session(engine) as session:
+                jobs = list(session.scalars(select(Job)))
+            if len(jobs) >= len(studies) and all(
+                j.state in ("done", "failed", "skipped") for j in jobs
+            ):
+                return jobs
+            return None
+
+        jobs = wait_for(all_finished, timeout=240, interval=0.5)
+        with Session(engine) as session:
+            stored = set(session.scalars(select(Instance.sop_instance_uid)))
+            results = list(session.scalars(select(Result)))
+    finally:
+        if served.proc is not None:
+            served.proc.kill()
+            served.proc.wait()
+        engine.dispose()
+    sent = {
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        for s in studies
+        for p in s.rglob("*.dcm")
+    }
+    assert kills >= 5
+    assert acknowledged <= stored
+    assert stored == sent  # the senders' retries got everything in
+    series_jobs = [j for j in jobs if j.state != "skipped"]
+    assert {j.state for j in series_jobs} == {"done"}
+    assert len({(j.series_instance_uid, j.generation) for j in series_jobs}) == len(series_jobs)
+    per_job: dict[int, set[str]] = {}
+    for result in results:
+        per_job.setdefault(result.job_id, set()).add(result.kind)
+    # one SR and one SC per job, whatever the kills: re-runs reuse the same UIDs
+    assert all({"sr", "sc"} <= kinds for kinds in per_job.values())
+    assert len(results) == sum(len(k) for k in per_job.values())
+    outbox = {p.stem for p in served.data.joinpath("outbox").rglob("*.dcm")}
+    assert outbox == {r.sop_instance_uid for r in results}
