@@ -25,7 +25,7 @@ from rich.live import Live
 from rich.table import Table
 from sqlalchemy import select
 
-from dicom_ai_node.config import Settings
+from dicom_ai_node.config import ConfigError, Settings
 from dicom_ai_node.synth import Label, Task, generate_studies
 
 # The routes of config/node.toml as shipped (tests/test_demo.py keeps them in step).
@@ -133,10 +133,6 @@ def demo(
 ) -> None:
     """Run the node on synthetic studies (a positive and a negative one per demo model) and
     show what it finds and where the results go. Offline; under a minute."""
-    from dicom_ai_node.dispatch.scu import Peer, send_files
-    from dicom_ai_node.jobs.models import Delivery, Job, Result
-    from dicom_ai_node.node import Node
-
     console = Console()
     if not console.is_terminal:  # a log or a pipe: do not squeeze the table into 80 columns
         console = Console(width=120)
@@ -146,13 +142,37 @@ def demo(
         raise typer.BadParameter(str(exc), param_hint="--pacs") from None
     root = data_dir or Path(tempfile.mkdtemp(prefix="dicom-ai-node-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("dicom_ai_node").setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    logger = logging.getLogger("dicom_ai_node")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # the table says it all; restored afterwards
+    try:
+        _run(console, root, port, address, slices, timeout)
+    finally:
+        logger.setLevel(level)
+
+
+def _run(
+    console: Console,
+    root: Path,
+    port: int,
+    address: PacsAddress | None,
+    slices: int,
+    timeout: float,
+) -> None:
+    """Start the node, send the studies, show the results, stop the node."""
+    from dicom_ai_node.dispatch.scu import Peer, send_files
+    from dicom_ai_node.jobs.models import Delivery, Job, Result
+    from dicom_ai_node.node import Node
 
     started = time.monotonic()
     with console.status("loading the demo models and starting the node"):
-        node = Node(demo_settings(root / "var", port, address))
-        node.start()
+        try:
+            node = Node(demo_settings(root / "var", port, address))
+            node.start()
+        except (ConfigError, OSError) as exc:
+            console.print(f"[red]cannot start the node:[/red] {exc}")
+            raise typer.Exit(1) from None
     try:
         console.print(
             f"node AINODE listening on 127.0.0.1:{node.scp.port}, data in {root}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import tomllib
 from pathlib import Path
 
@@ -68,3 +69,13 @@ def test_demo_routes_are_the_shipped_ones() -> None:
     with (ROOT / "config" / "node.toml").open("rb") as f:
         shipped = tomllib.load(f)["routes"]
     assert [{k: v for k, v in r.items() if k != "destinations"} for r in shipped] == DEMO_ROUTES
+
+
+def test_demo_says_so_when_its_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = CliRunner().invoke(app(), ["demo", "--data-dir", str(tmp_path), "--port", str(port)])
+    assert run.exit_code == 1
+    assert "cannot start the node" in run.output

@@ -167,7 +167,7 @@ def test_results_survive_a_pacs_outage(
         shipped_routes,
         orthanc,
         node_port,
-        assemble={"stable_seconds": 4},
+        assemble={"stable_seconds": 5},
         dispatch={"retry_base_seconds": 0.2, "retry_max_seconds": 0.5, "max_attempts": 1000},
     )
     study = generate_studies(
