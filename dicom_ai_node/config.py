@@ -128,6 +128,12 @@ class StorageSettings(_Section):
     min_free_mb: int = Field(
         default=500, ge=0, description="Refuse new instances (0xA700) below this free space"
     )
+    retention_days: float = Field(
+        default=0,
+        ge=0,
+        description="Delete received files of processed series after this many days "
+        "(0 = keep); results and the job log are kept",
+    )
 
 
 class DatabaseSettings(_Section):

@@ -36,6 +36,7 @@ from dicom_ai_node.receive.record import close_stale_associations, reindex
 from dicom_ai_node.receive.scp import StorageSCP
 from dicom_ai_node.route import plan_series, plan_study
 from dicom_ai_node.spool import Spool
+from dicom_ai_node.spool.retention import prune
 from dicom_ai_node.web.metrics import NodeMetrics
 from dicom_ai_node.web.notify import Notifier
 from dicom_ai_node.web.server import HttpServer
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from dicom_ai_node.infer.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
+
+PRUNE_INTERVAL_SECONDS = 600.0
 
 
 def result_kind(sop_class_uid: str) -> str:
@@ -233,12 +236,24 @@ class Node:
     # --- assemble and route ----------------------------------------------------------------
 
     def _assemble_loop(self) -> None:
+        next_prune = 0.0
         while not self._stop.wait(self.settings.assemble.poll_seconds):
             try:
                 if self.assemble_once():
                     self.worker.wake()
+                if self.settings.storage.retention_days and time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + PRUNE_INTERVAL_SECONDS
+                    self.prune_once()
             except Exception:
                 log.exception("assemble: job log unavailable; retrying")
+
+    def prune_once(self) -> int:
+        """Apply ``[storage] retention_days``; returns how many series were pruned."""
+        with self.sessions.begin() as session:
+            pruned = prune(session, self.spool, utcnow(), self.settings.storage.retention_days)
+        if pruned:
+            log.info("retention: deleted the received files of %d processed series", pruned)
+        return pruned
 
     def assemble_once(self) -> int:
         """Complete what is complete and queue its jobs; returns how many jobs were queued."""

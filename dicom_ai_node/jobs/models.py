@@ -110,6 +110,8 @@ class Series(Base):
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Set when retention deleted the series' files (its rows and results are kept).
+    pruned_at: Mapped[datetime | None] = mapped_column(default=None)
 
     __table_args__ = (Index("ix_series_state_last", "state", "last_received_at"),)
 

@@ -4,11 +4,13 @@
 DICOM Part 10 file: preamble, file meta, the data set as encoded on the wire);
 ``outbox/<study>/<series>/<sop>.dcm`` holds the results the node made. Every file is written
 atomically (temporary file, fsync, rename, fsync of the folder), so a crash leaves either the
-whole file or nothing, never half of one.
+whole file or nothing, never half of one. Files hold patient data: they are readable by the
+service user only (files 0600, folders 0700, whatever the umask).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -77,7 +79,8 @@ class Spool:
         folder = path.parent
         created = not folder.is_dir()
         if created:
-            folder.mkdir(parents=True, exist_ok=True)
+            for new in (folder.parent, folder):  # the study's and the series' folders
+                new.mkdir(mode=0o700, exist_ok=True)
         tmp = folder / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -107,12 +110,12 @@ class Spool:
             except OSError:
                 break
 
-    def remove_tree(self, study: str, series: str | None = None) -> None:
-        """Delete a received study (or one series of it) from the spool."""
-        folder = self.incoming / check_uid(study, "Study Instance UID")
-        if series is not None:
-            folder = folder / check_uid(series, "Series Instance UID")
-        shutil.rmtree(folder, ignore_errors=True)
+    def remove_series(self, study: str, series: str) -> None:
+        """Delete one received series from the spool (and its study folder once empty)."""
+        study_folder = self.incoming / check_uid(study, "Study Instance UID")
+        shutil.rmtree(study_folder / check_uid(series, "Series Instance UID"), ignore_errors=True)
+        with contextlib.suppress(OSError):  # other series of the study remain
+            study_folder.rmdir()
 
     def received_files(self) -> Iterator[Path]:
         """Every received instance file (for re-indexing after a crash)."""
