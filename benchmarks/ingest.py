@@ -73,15 +73,21 @@ def wait_port(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def send(port: int, aet: str, files: list[Path]) -> float:
-    """Seconds for storescu to send ``files`` over one association."""
+def send(port: int, aet: str, files: list[Path], senders: int) -> float:
+    """Seconds for ``senders`` storescu processes at once to send ``files`` (split between
+    them), each over one association."""
     start = time.perf_counter()
-    subprocess.run(
-        ["storescu", "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
-        check=True,
-        env=ENV,
-        capture_output=True,
-    )
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aec", aet, "127.0.0.1", str(port), *map(str, files[n::senders])],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for n in range(senders)
+    ]
+    if any(proc.wait() != 0 for proc in procs):
+        raise RuntimeError("storescu failed")
     return time.perf_counter() - start
 
 
@@ -92,21 +98,22 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_storescp(files: list[Path], work: Path, repeat: int) -> list[float]:
+def run_storescp(files: list[Path], work: Path, repeat: int, senders: int) -> list[float]:
     times = []
     for i in range(repeat):
         out = work / f"storescp-{i}"
         out.mkdir()
         port = free_port()
+        fork = ["--fork"] if senders > 1 else []  # one process per association
         proc = subprocess.Popen(
-            ["storescp", "--bit-preserving", "-od", str(out), str(port)],
+            ["storescp", *fork, "--bit-preserving", "-od", str(out), str(port)],
             env=ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         try:
             wait_port(port)
-            times.append(send(port, "STORESCP", files))
+            times.append(send(port, "STORESCP", files, senders))
         finally:
             proc.terminate()
             proc.wait()
@@ -115,7 +122,7 @@ def run_storescp(files: list[Path], work: Path, repeat: int) -> list[float]:
     return times
 
 
-def run_node(files: list[Path], work: Path, repeat: int) -> tuple[list[float], float]:
+def run_node(files: list[Path], work: Path, repeat: int, senders: int) -> tuple[list[float], float]:
     times, rss = [], 0.0
     for i in range(repeat):
         data = work / f"node-{i}"
@@ -139,7 +146,7 @@ def run_node(files: list[Path], work: Path, repeat: int) -> tuple[list[float], f
         )
         try:
             wait_port(port)
-            times.append(send(port, "AINODE", files))
+            times.append(send(port, "AINODE", files, senders))
             rss = max(rss, peak_rss_mb(proc.pid))
         finally:
             proc.terminate()
@@ -157,6 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--senders", type=int, default=1, help="storescu processes at once")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         work = Path(tmp)
@@ -164,13 +172,13 @@ def main() -> None:
         source.mkdir()
         files = make_instances(source, args.count)
         size_mb = sum(f.stat().st_size for f in files) / 1e6
-        dcmtk = run_storescp(files, work, args.repeat)
-        node, rss = run_node(files, work, args.repeat)
+        dcmtk = run_storescp(files, work, args.repeat, args.senders)
+        node, rss = run_node(files, work, args.repeat, args.senders)
     dcmtk_rate = args.count / statistics.median(dcmtk)
     node_rate = args.count / statistics.median(node)
     print(
-        f"{args.count} instances, {size_mb:.0f} MB, storescu over one association, "
-        f"median of {args.repeat}"
+        f"{args.count} instances, {size_mb:.0f} MB, {args.senders} storescu at once "
+        f"(one association each), median of {args.repeat}"
     )
     print(f"DCMTK storescp (bit-preserving, no fsync): {dcmtk_rate:8.1f} images/s")
     print(f"dicom-ai-node (fsync + job log commit):    {node_rate:8.1f} images/s")
