@@ -239,8 +239,8 @@ def test_chaos_thirty_studies_with_random_kills(tmp_path: Path) -> None:
     assert {j.state for j in series_jobs} == {"done"}
     assert len({(j.series_instance_uid, j.generation) for j in series_jobs}) == len(series_jobs)
     per_job: dict[int, set[str]] = {}
-    for result in results:
-        per_job.setdefault(result.job_id, set()).add(result.kind)
+    for produced in results:
+        per_job.setdefault(produced.job_id, set()).add(produced.kind)
     # one SR and one SC per job, whatever the kills: re-runs reuse the same UIDs
     assert all({"sr", "sc"} <= kinds for kinds in per_job.values())
     assert len(results) == sum(len(k) for k in per_job.values())
