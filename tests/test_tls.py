@@ -22,8 +22,16 @@ from dicom_ai_node.dispatch.deliveries import peer
 from dicom_ai_node.dispatch.scu import send_files
 from dicom_ai_node.node import Node
 from tests.certs import Certificates, KeyPair, make_certificates
-from tests.helpers import DCMTK_ENV, free_port, instance, make_settings, require, run_tool
-from tests.helpers import wait_for, write
+from tests.helpers import (
+    DCMTK_ENV,
+    free_port,
+    instance,
+    make_settings,
+    require,
+    run_tool,
+    wait_for,
+    write,
+)
 
 
 @pytest.fixture
@@ -32,7 +40,11 @@ def certs(tmp_path: Path) -> Certificates:
 
 
 def tls_node(
-    node_factory: Callable[..., Node], certs: Certificates, *, require_client: bool = True, **dicom: Any
+    node_factory: Callable[..., Node],
+    certs: Certificates,
+    *,
+    require_client: bool = True,
+    **dicom: Any,
 ) -> Node:
     return node_factory(
         dicom={
@@ -143,7 +155,7 @@ def test_missing_certificate_file_is_a_configuration_error(
             }
         },
     )
-    with pytest.raises(ConfigError, match="dicom.tls.certificate"):
+    with pytest.raises(ConfigError, match=r"dicom\.tls\.certificate"):
         Node(settings, models={})
 
 
@@ -152,9 +164,12 @@ def tls_storescp(port: int, out: Path, certs: Certificates) -> Iterator[Path]:
     """DCMTK ``storescp`` over TLS that requires a client certificate from our CA."""
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [require("storescp"), "-aet", "PACS", "-od", str(out)]
-        + with_cert(certs.server, certs.ca)
-        + ["--require-peer-cert", str(port)],
+        [
+            require("storescp"),
+            *("-aet", "PACS", "-od", str(out)),
+            *with_cert(certs.server, certs.ca),
+            *("--require-peer-cert", str(port)),
+        ],
         env=DCMTK_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -5,10 +5,13 @@ timeout, and every transaction that may write starts with ``BEGIN IMMEDIATE``: a
 transaction that reads and then writes fails at once with "database is locked" when another
 writer got in between, whatever the timeout, while an immediate one waits its turn.
 PostgreSQL needs none of this. The schema is managed by Alembic and upgraded at startup.
+The SQLite file holds patient identifiers, so it is made readable by the service user only
+(0600); SQLite gives its -wal and -shm files the database file's permissions.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ def create_db_engine(url: str, busy_timeout_ms: int = 30000) -> Engine:
         return create_engine(url, pool_pre_ping=True, future=True)
     database = url.split("///", 1)[1] if "///" in url else ""
     if database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        _private_file(Path(database))
     engine = create_engine(
         url,
         # Autocommit at the driver level: SQLAlchemy's "begin" event below issues the BEGIN.
@@ -55,6 +58,16 @@ def create_db_engine(url: str, busy_timeout_ms: int = 30000) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _private_file(path: Path) -> None:
+    """Create the SQLite file (and its folder) if missing, owner-only; make an existing
+    file, -wal and -shm owner-only too (files of older versions were world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists() and file.stat().st_mode & 0o077:
+            file.chmod(0o600)
 
 
 def read_only(engine: Engine) -> Engine:
