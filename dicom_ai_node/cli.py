@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from dicom_ai_node import cli_ml
 from dicom_ai_node.config import ConfigError, Settings, load_settings
+from dicom_ai_node.demo import demo
 
 app = typer.Typer(
     help="A DICOM node that runs a CNN classifier on received studies.",
@@ -31,6 +32,7 @@ app.add_typer(cli_ml.models_app, name="models")
 app.command("synth")(cli_ml.synth)
 app.command("train")(cli_ml.train)
 app.command("evaluate")(cli_ml.evaluate)
+app.command("demo")(demo)
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_ai_node.jobs.loop import PollingLoop
 from dicom_ai_node.jobs.models import Job, JobState
 from dicom_ai_node.jobs.queue import claim, renew, transition
 
@@ -27,12 +28,10 @@ class PermanentJobError(Exception):
     failed at once instead of being queued again."""
 
 
-class LeaseLostError(RuntimeError):
-    """The job's lease went to another worker while this one was still running it."""
-
-
-class Worker:
+class Worker(PollingLoop):
     """Runs queued jobs one at a time on a background thread."""
+
+    thread_name = "worker"
 
     def __init__(
         self,
@@ -44,41 +43,12 @@ class Worker:
         max_attempts: int,
         poll_seconds: float,
     ) -> None:
+        super().__init__(poll_seconds)
         self.sessions = sessions
         self.handler = handler
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
-        self.poll_seconds = poll_seconds
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
-        self._thread.start()
-
-    def wake(self) -> None:
-        """Look for work now rather than at the next poll (a job was just queued)."""
-        self._wake.set()
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop after the job in hand (its lease lapses if it outlives ``timeout``)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                worked = self.run_once()
-            except Exception:
-                log.exception("worker: job log unavailable; retrying")
-                worked = False
-            if not worked:
-                self._wake.wait(self.poll_seconds)
-                self._wake.clear()
 
     def run_once(self) -> bool:
         """Claim and run one job; ``False`` when the queue was empty."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_ai_node.jobs.loop import PollingLoop
 from dicom_ai_node.jobs.models import Event, Job, JobState, Study, utcnow
 from dicom_ai_node.jobs.store import add_event, upsert
 from dicom_ai_node.web.metrics import NodeMetrics
@@ -54,13 +54,15 @@ def backoff(attempts: int, webhook: NotificationSettings) -> timedelta:
     return timedelta(seconds=min(seconds, webhook.retry_max_seconds))
 
 
-class Notifier:
+class Notifier(PollingLoop):
     """One thread that fills the outbox from the event log and sends it to the webhooks.
 
     ``dashboard_url`` (e.g. ``http://ai-node.example:8080``) makes the body link to the
     job's page; ``owner`` names this process in leases so several nodes sharing one job
     log never send the same row at once.
     """
+
+    thread_name = "notify"
 
     def __init__(
         self,
@@ -74,46 +76,23 @@ class Notifier:
         overlap_seconds: float = 30.0,
         metrics: NodeMetrics | None = None,
     ) -> None:
+        super().__init__(poll_seconds)
         self.sessions = sessions
         self.webhooks = {webhook.url: webhook for webhook in webhooks}
         self.owner = owner
         self.node_name = node_name
         self.dashboard_url = dashboard_url.rstrip("/")
-        self.poll_seconds = poll_seconds
         self.overlap = timedelta(seconds=overlap_seconds)
         self.metrics = metrics
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Start the thread (nothing to do without webhooks)."""
-        if not self.webhooks:
-            return
-        self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
-        self._thread.start()
+        if self.webhooks:
+            super().start()
 
-    def wake(self) -> None:
-        """Look at the event log now rather than at the next poll."""
-        self._wake.set()
-
-    def stop(self, timeout: float | None = None) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.scan_once()
-                sent = self.send_once()
-            except Exception:
-                log.exception("notify: unexpected error; retrying")
-                sent = 0
-            if not sent:
-                self._wake.wait(self.poll_seconds)
-                self._wake.clear()
+    def run_once(self) -> bool:
+        self.scan_once()
+        return self.send_once() > 0
 
     # --- events -> outbox --------------------------------------------------------------------
 
