@@ -12,7 +12,6 @@ import datetime
 import logging
 import threading
 import time
-from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -31,7 +30,7 @@ from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, 
 from dicom_ai_node.jobs.models import Instance, Job, JobState, Prediction, Result, utcnow
 from dicom_ai_node.jobs.queue import enqueue, record_skipped, recover, transition, worker_id
 from dicom_ai_node.jobs.store import add_event, upsert
-from dicom_ai_node.jobs.worker import PermanentJobError, Worker
+from dicom_ai_node.jobs.worker import LeaseLostError, PermanentJobError, Worker
 from dicom_ai_node.receive.record import close_stale_associations, reindex
 from dicom_ai_node.receive.scp import StorageSCP
 from dicom_ai_node.route import plan_series, plan_study
@@ -148,7 +147,6 @@ class Node:
         )
         self._stop = threading.Event()
         self._assembler: threading.Thread | None = None
-        self.on_job_finished: Callable[[int], None] | None = None
 
     def _load_models(self) -> dict[str, LoadedModel]:
         """Load the models the routes name (each once), refusing unknown or broken ones."""
@@ -334,15 +332,6 @@ class Node:
         except (NoUsableImagesError, InferenceTimeoutError) as exc:
             raise PermanentJobError(str(exc)) from exc
         self.metrics.inference_seconds(model.card.name, time.monotonic() - started)
-        log.info(
-            "job %d: %s %.3f (%s %s, %d images)",
-            job.id,
-            prediction.label,
-            prediction.probability,
-            prediction.model,
-            prediction.model_version,
-            len(prediction.images),
-        )
         used = {image.sop_instance_uid for image in prediction.images}
         datasets = self._report(
             job,
@@ -366,7 +355,7 @@ class Node:
             results = self._write_results(session, job, datasets)
             deliveries = plan_deliveries(session, job, results)
             state = JobState.DELIVERING if deliveries else JobState.DONE
-            transition(
+            moved = transition(
                 session,
                 job.id,
                 state,
@@ -379,13 +368,25 @@ class Node:
                 model_version=prediction.model_version,
                 error=None,
             )
+            if not moved:  # roll back: the worker that holds the lease records the job
+                raise LeaseLostError(f"job {job.id}: the lease went to another worker")
+        log.info(
+            "job %d %s: %s %.3f (%s %s, %d images), %d results, %d deliveries",
+            job.id,
+            state.value,
+            prediction.label,
+            prediction.probability,
+            prediction.model,
+            prediction.model_version,
+            len(prediction.images),
+            len(results),
+            deliveries,
+        )
         last_received = max(instance.received_at for instance in instances)
         self.metrics.end_to_end_seconds((utcnow() - last_received).total_seconds(), "written")
         self.notifier.wake()
         if deliveries:
             self.dispatcher.wake()
-        if self.on_job_finished is not None:
-            self.on_job_finished(job.id)
 
     def _report(
         self, job: Job, model: LoadedModel, paths: list[Path], prediction: SeriesPrediction

@@ -188,8 +188,10 @@ def settle_job(session: Session, job_id: int) -> bool:
             f"job {job_id}: some results could not be delivered",
             error="delivery failed",
         )
+        log.warning("job %d failed_to_deliver: some results could not be delivered", job_id)
         return False
     transition(session, job_id, JobState.DONE, f"job {job_id}: all results delivered")
+    log.info("job %d done: all results delivered", job_id)
     return True
 
 

@@ -28,6 +28,11 @@ class PermanentJobError(Exception):
     failed at once instead of being queued again."""
 
 
+class LeaseLostError(RuntimeError):
+    """The job's lease went to another worker while this one ran it (this one took too
+    long, or was thought dead): its outcome is dropped, the other worker's counts."""
+
+
 class Worker(PollingLoop):
     """Runs queued jobs one at a time on a background thread."""
 
@@ -94,6 +99,9 @@ class Worker(PollingLoop):
                 log.exception("job %d: cannot renew the lease", job_id)
 
     def _failed(self, job: Job, exc: Exception) -> None:
+        if isinstance(exc, LeaseLostError):
+            log.warning("%s", exc)
+            return
         # A permanent error's message is written for the operator; others get their type.
         permanent = isinstance(exc, PermanentJobError)
         error = str(exc) if permanent else f"{type(exc).__name__}: {exc}"
