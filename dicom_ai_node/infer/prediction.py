@@ -48,3 +48,13 @@ class SeriesPrediction:
     def key_image(self) -> ImagePrediction:
         """The image with the highest positive-label probability (the one to show)."""
         return max(self.images, key=lambda image: image.probabilities[self.positive_label])
+
+
+def percent(probability: float) -> str:
+    """A probability as a whole percentage that never rounds to certainty: 0.9996 is
+    ">99%", not "100%", and 0.0004 is "<1%" (a model's output is never 0 or 1 exactly)."""
+    if 0.0 < probability < 0.005:
+        return "<1%"
+    if 0.995 <= probability < 1.0:
+        return ">99%"
+    return f"{probability:.0%}"

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_ai_node.infer.card import ModelCard
-from dicom_ai_node.infer.prediction import SeriesPrediction
+from dicom_ai_node.infer.prediction import SeriesPrediction, percent
 from dicom_ai_node.report.common import (
     NOT_FOR_DIAGNOSTIC_USE,
     ReportContext,
@@ -58,7 +58,7 @@ def build_kos(
         referenced_objects=selected,
         observer_device_context=observer_device(card, context),
         description=(
-            f"{label.code.meaning} ({prediction.probabilities[prediction.label]:.0%}) "
+            f"{label.code.meaning} ({percent(prediction.probabilities[prediction.label])}) "
             f"by {card.name} {card.version}: {len(selected)} image(s)"
             + (f", {NOT_FOR_DIAGNOSTIC_USE}" if card.not_for_diagnostic_use else "")
         ),

@@ -14,7 +14,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_ai_node.infer.card import ModelCard
-from dicom_ai_node.infer.prediction import SeriesPrediction
+from dicom_ai_node.infer.prediction import SeriesPrediction, percent
 from dicom_ai_node.report.common import (
     NOT_FOR_DIAGNOSTIC_USE,
     ReportContext,
@@ -118,7 +118,7 @@ def _text_lines(
     meaning = label_spec(card, prediction.label).code.meaning
     probability = prediction.probabilities[prediction.label]
     lines = [
-        (f"AI: {meaning} {probability:.0%}", _YELLOW if prediction.positive else _WHITE),
+        (f"AI: {meaning} {percent(probability)}", _YELLOW if prediction.positive else _WHITE),
         (f"{card.name} {card.version} ({card.manufacturer})", _WHITE),
     ]
     if card.not_for_diagnostic_use:

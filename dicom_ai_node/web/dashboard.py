@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from dicom_ai_node.infer.prediction import percent
 from dicom_ai_node.jobs.models import JobState
 from dicom_ai_node.web import queries
 from dicom_ai_node.web.api import WebContext, retry_job
@@ -42,8 +43,8 @@ def ago(moment: datetime | None) -> str:
     return f"{seconds // 86400} d"
 
 
-def percent(probability: float | None) -> str:
-    return "" if probability is None else f"{probability:.0%}"
+def percent_or_blank(probability: float | None) -> str:
+    return "" if probability is None else percent(probability)
 
 
 def templates() -> Jinja2Templates:
@@ -53,7 +54,7 @@ def templates() -> Jinja2Templates:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(when=when, ago=ago, percent=percent)
+    env.filters.update(when=when, ago=ago, percent=percent_or_blank)
     env.globals["timezone"] = datetime.now().astimezone().tzname()
     return Jinja2Templates(env=env)
 

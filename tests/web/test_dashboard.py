@@ -13,6 +13,7 @@ from selenium.webdriver.common.by import By
 from sqlalchemy import select
 
 from dicom_ai_node.dispatch.scu import Peer, send_files
+from dicom_ai_node.infer.prediction import percent
 from dicom_ai_node.jobs.models import Job
 from dicom_ai_node.synth import Label, Task, generate_studies
 from dicom_ai_node.web.metrics import NodeMetrics
@@ -91,7 +92,7 @@ def test_dashboard_of_a_node_that_read_two_studies(
                 select(Job).where(Job.study_instance_uid == positive_study)
             ).one()
         assert rows[0].get_attribute("data-job") == str(positive.id)
-        assert f"{positive.probability:.0%}" in rows[0].text
+        assert percent(positive.probability) in rows[0].text
         marker = rows[0].find_element(By.CSS_SELECTOR, ".tag .marker")
         assert marker.value_of_css_property("background-color") == "rgba(198, 40, 40, 1)"
         browser.save_screenshot(str(tmp_path / "worklist.png"))
