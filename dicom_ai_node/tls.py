@@ -84,8 +84,13 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
     handshake done on connect, on the accepting thread and with no timeout; here
     ``get_request`` only accepts, and the handshake runs in ``process_request_thread``
     with the ACSE timeout. A failed or timed-out handshake is logged and the connection
-    closed; no association is created for it.
+    closed; no association is created for it. Stopping the server does not wait for
+    handshakes in progress (as it does not wait for a plain connection that is silent): each
+    ends at its timeout, or with the process, and one that completes after the stop is
+    closed.
     """
+
+    daemon_threads = True  # ThreadingMixIn.server_close joins only non-daemon threads
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -102,6 +107,9 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
             log.warning(
                 "TLS handshake with %s:%s failed: %s", client_address[0], client_address[1], exc
             )
+            return
+        if self.socket is None or self.socket.fileno() == -1:  # stopped meanwhile
+            connection.close()
             return
         connection.settimeout(None)
         super().process_request_thread(connection, client_address)

@@ -142,6 +142,17 @@ def test_stalled_handshake_does_not_block_other_associations(
         assert time.monotonic() - started < 6
 
 
+def test_stop_does_not_wait_for_a_stalled_handshake(
+    node_factory: Callable[..., Node], certs: Certificates
+) -> None:
+    node = tls_node(node_factory, certs)  # ACSE timeout 30 s
+    with socket.create_connection(("127.0.0.1", node.scp.port)):
+        time.sleep(0.2)
+        started = time.monotonic()
+        node.scp.stop()  # (the silent connection is closed at its timeout or at exit)
+        assert time.monotonic() - started < 3
+
+
 def test_missing_certificate_file_is_a_configuration_error(
     tmp_path: Path, certs: Certificates
 ) -> None:
