@@ -10,6 +10,7 @@ arguments, so building twice gives the same bytes.
 from __future__ import annotations
 
 import datetime
+import functools
 from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass
@@ -106,6 +107,13 @@ def result_uids(seed: str, prefix: str = PYDICOM_ROOT_UID) -> ResultUIDs:
     )
 
 
+@functools.cache
+def _is_image_class(sop_class_uid: str) -> bool:
+    """Whether the IOD of a SOP Class has pixel data (cached: the lookup is slow, and a
+    series has one SOP Class for hundreds of images)."""
+    return bool(does_iod_have_pixel_data(sop_class_uid))
+
+
 def check_inputs(
     sources: Sequence[Dataset], prediction: SeriesPrediction, card: ModelCard
 ) -> dict[str, Dataset]:
@@ -122,7 +130,7 @@ def check_inputs(
         missing = [k for k in _REQUIRED_UIDS if not ds.get(k)]
         if missing:
             raise ValueError(f"source dataset lacks {', '.join(missing)}")
-        if not does_iod_have_pixel_data(ds.SOPClassUID):
+        if not _is_image_class(str(ds.SOPClassUID)):
             raise ValueError(
                 f"source {ds.SOPInstanceUID} is not an image (SOP Class {ds.SOPClassUID})"
             )

@@ -115,13 +115,17 @@ def build_sr(
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(FINDING, coded(label))],
         )
     ]
+    # The image library (TID 1600) lists the images the content references: the one image
+    # of a radiograph, or those of the per-image groups. Every source image is still listed
+    # in the evidence (Current Requested Procedure Evidence Sequence); describing all of
+    # them again in the library made a 200-slice CT's SR take seconds to build.
+    referenced = [sources[0]] if len(prediction.images) == 1 else []
     if len(prediction.images) > 1:
         for image in flagged_images(prediction, card)[:MAX_IMAGE_GROUPS]:
-            groups.append(
-                _image_group(
-                    image, by_uid[image.sop_instance_uid], card, algorithm, sites, sop_instance_uid
-                )
-            )
+            source = by_uid[image.sop_instance_uid]
+            groups.append(_image_group(image, source, card, algorithm, sites, sop_instance_uid))
+            if source not in referenced:
+                referenced.append(source)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_device_context=observer_device(card, context)
@@ -131,7 +135,7 @@ def build_sr(
         ),
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
-        referenced_images=[_library_entry(ds) for ds in sources],
+        referenced_images=[_library_entry(ds) for ds in referenced],
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=[study_header(sources[0]), *sources[1:]],

@@ -87,7 +87,15 @@ def test_observer_algorithm_and_image_library(tmp_path, ct_series, predict, card
         i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"
     )
     entries = library.ContentSequence[0].ContentSequence
-    assert len([e for e in entries if e.ValueType == "IMAGE"]) == len(ct_series)
+    # the library lists the images the per-image groups reference (p >= 0.5), the
+    # evidence above lists every source image
+    listed = {
+        e.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for e in entries
+        if e.ValueType == "IMAGE"
+    }
+    flagged = {ds.SOPInstanceUID for ds, p in zip(ct_series, SERIES_P, strict=True) if p >= 0.5}
+    assert listed == flagged
 
 
 def test_identity_flags_and_equipment(ct_series, predict, card, context):
