@@ -76,6 +76,9 @@ def wait_port(port: int, timeout: float = 60) -> None:
 def send(port: int, aet: str, files: list[Path], senders: int) -> float:
     """Seconds for ``senders`` storescu processes at once to send ``files`` (split between
     them), each over one association."""
+    # Dirty pages left by an earlier run (storescp does not fsync) would otherwise be
+    # flushed by the next run's fsyncs and bill it for the other's writes.
+    os.sync()
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
