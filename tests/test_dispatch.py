@@ -64,9 +64,13 @@ def received_uids(folder: Path) -> list[str]:
     return sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in folder.iterdir())
 
 
+ABORT = -1  # a scripted "status": the peer aborts the association instead of answering
+
+
 class PynetdicomPeer:
     """A pynetdicom storage SCP whose C-STORE answers are scripted: ``statuses`` are returned
-    in turn (then 0x0000); every request's SOP Instance UID is recorded in ``received``."""
+    in turn (then 0x0000), :data:`ABORT` drops the association mid-transfer; every request's
+    SOP Instance UID is recorded in ``received``."""
 
     def __init__(self, port: int, *, aet: str = "PACS", require_called_aet: bool = False) -> None:
         self.statuses: list[int] = []
@@ -85,6 +89,8 @@ class PynetdicomPeer:
         with self._lock:
             status = self.statuses.pop(0) if self.statuses else 0x0000
             self.received.append((str(event.dataset.SOPInstanceUID), status))
+        if status == ABORT:
+            event.assoc.abort()
         return status
 
     def close(self) -> None:
@@ -230,6 +236,28 @@ def test_failure_statuses_are_retried_with_the_same_sop_instance_uids(
     retries = events(node, job.id, "delivery_retry")
     assert len(retries) == 4 and all("0xA700" in e.message for e in retries)
     assert all(d.attempts == 3 and d.last_status == 0 for d in deliveries(node, job.id))
+
+
+def test_peer_closing_mid_transfer_is_retried_and_delivered_once(
+    node_factory: Callable[..., Node],
+    demo_models: dict[str, Any],
+    shipped_routes: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """The peer aborts the association in the middle of the first C-STORE: the attempt is
+    recorded as failed without a status, and the retry delivers the same objects."""
+    port = free_port()
+    with pynetdicom_peer(port) as peer:
+        peer.statuses = [ABORT]
+        node = start_node(node_factory, demo_models, shipped_routes, {"pacs": ("PACS", port)})
+        study = send_radiograph(node, tmp_path)
+        job = job_in(node, study, "done", "failed_to_deliver", timeout=60)
+    assert job.state == "done", job.error
+    uids = result_uids(node, job.id)
+    assert peer.received[0][1] == ABORT
+    assert sorted(uid for uid, status in peer.received if status == 0) == uids
+    retries = events(node, job.id, "delivery_retry")
+    assert retries and all("no status" in e.message for e in retries)
 
 
 def test_rejected_association_gives_up_then_an_operator_retry_delivers(

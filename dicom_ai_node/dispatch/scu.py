@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 _UNCOMPRESSED: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 _MAX_CONTEXTS = 128
+_NO_RESPONSE = "no response (association lost)"
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def _send_one(assoc: Association, f: _File) -> SendOutcome:
         return SendOutcome(f.path, f.sop_instance_uid, None, "the peer accepted no context for it")
     status = assoc.send_c_store(dataset)  # type: ignore[arg-type]
     if not status or "Status" not in status:
-        return SendOutcome(f.path, f.sop_instance_uid, None, "no response (association lost)")
+        return SendOutcome(f.path, f.sop_instance_uid, None, _NO_RESPONSE)
     code = int(status.Status)
     comment = str(status.get("ErrorComment", ""))
     return SendOutcome(f.path, f.sop_instance_uid, code, comment)
@@ -162,13 +163,17 @@ def send_files(
                 if on_sent:
                     on_sent(outcome)
             continue
+        lost = False
         try:
             for f in batch:
-                if assoc.is_established:
+                # A request left unanswered means the association is gone, even if the
+                # reactor has not noticed yet: sending more would only wait out the timeout.
+                if assoc.is_established and not lost:
                     try:
                         outcome = _send_one(assoc, f)
                     except Exception as exc:  # an unreadable file must not stop the rest
                         outcome = SendOutcome(f.path, f.sop_instance_uid, None, str(exc))
+                    lost = outcome.error == _NO_RESPONSE
                 else:
                     outcome = SendOutcome(f.path, f.sop_instance_uid, None, "association lost")
                 outcomes.append(outcome)
