@@ -83,6 +83,7 @@ def _setup_logging(settings: Settings) -> None:
     # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per module copied
 
 
 @app.command()

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from dicom_ai_node import __version__
 from dicom_ai_node.assemble import complete_series, complete_studies
 from dicom_ai_node.config import ConfigError, Settings
-from dicom_ai_node.dispatch.deliveries import Dispatcher, plan_deliveries
+from dicom_ai_node.dispatch.deliveries import Dispatcher, plan_deliveries, release_leases
 from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, upgrade
 from dicom_ai_node.jobs.models import Instance, Job, JobState, Prediction, Result, utcnow
 from dicom_ai_node.jobs.queue import enqueue, record_skipped, recover, transition, worker_id
@@ -182,6 +182,7 @@ class Node:
         with self.sessions.begin() as session:
             lost = close_stale_associations(session, self.settings.node_name)
             requeued = recover(session, self.settings.node_name, self.settings.worker.max_attempts)
+            release_leases(session, self.settings.node_name)
         cleaned = self.spool.clean_temporary()
         reindexed = reindex(self.sessions, self.spool)
         if lost or requeued or cleaned or reindexed:

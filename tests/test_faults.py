@@ -17,10 +17,10 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dicom_ai_node.jobs.models import Instance, Job, Result
+from dicom_ai_node.jobs.models import Delivery, Instance, Job, Result
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.helpers import instance, wait_for
+from tests.helpers import free_port, instance, run_tool, wait_for
 from tests.test_process import Served
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -246,3 +246,68 @@ def test_chaos_thirty_studies_with_random_kills(tmp_path: Path) -> None:
     assert len(results) == sum(len(k) for k in per_job.values())
     outbox = {p.stem for p in served.data.joinpath("outbox").rglob("*.dcm")}
     assert outbox == {r.sop_instance_uid for r in results}
+
+
+def test_kill_during_delivery_and_restart_delivers_each_result_once(tmp_path: Path) -> None:
+    """The PACS is down, so results wait in the delivery queue; the node is killed (-9),
+    the PACS comes up, the node restarts: every result arrives, under the UID the job log
+    recorded, and nothing else."""
+    from tests.test_dispatch import received_uids, storescp
+
+    pacs_port = free_port()
+    config = tmp_path / "node.toml"
+    routes = "".join(
+        f'[[routes]]\nname = "{name}"\nmodel = "{model}"\nwhere = {{ Modality = {modalities} }}\n'
+        f'outputs = ["sr", "sc"]\ndestinations = ["pacs"]\n'
+        for name, model, modalities in (
+            ("cxr", "cxr-opacity-demo", '["CR", "DX"]'),
+            ("head", "head-ct-hemorrhage-demo", '["CT"]'),
+        )
+    )
+    config.write_text(
+        f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+        f"port = {pacs_port}\n[dispatch]\nretry_base_seconds = 0.2\nretry_max_seconds = 0.5\n"
+        f"max_attempts = 1000\n{routes}"
+    )
+    studies = [
+        generate_studies(Task.CXR_OPACITY, Label.POSITIVE, 1, tmp_path / "in", seed=21)[0],
+        generate_studies(
+            Task.HEAD_CT_HEMORRHAGE, Label.POSITIVE, 1, tmp_path / "in", seed=22, slices=8, size=128
+        )[0],
+    ]
+    served = Served(tmp_path, config)
+    served.start()
+    engine = served.engine()
+    try:
+        for study in studies:
+            run_tool(
+                "dcmsend", "-aec", "AINODE", "127.0.0.1", str(served.port), "+sd", "+r", str(study)
+            )
+
+        def waiting_to_deliver() -> bool:
+            with Session(engine) as session:
+                jobs = list(session.scalars(select(Job)))
+                retried = session.scalar(
+                    select(func.count()).select_from(Delivery).where(Delivery.attempts > 0)
+                )
+            return len(jobs) == 2 and all(j.state == "delivering" for j in jobs) and bool(retried)
+
+        wait_for(waiting_to_deliver, timeout=90)
+        served.signal(signal.SIGKILL)
+        with storescp(pacs_port, tmp_path / "pacs") as folder:
+            served.start()
+
+            def all_done() -> bool:
+                with Session(engine) as session:
+                    return {j.state for j in session.scalars(select(Job))} == {"done"}
+
+            wait_for(all_done, timeout=90)
+            with Session(engine) as session:
+                recorded = sorted(session.scalars(select(Result.sop_instance_uid)))
+            assert received_uids(folder) == recorded
+        assert len(recorded) == 4
+    finally:
+        if served.proc is not None:
+            served.proc.kill()
+            served.proc.wait()
+        engine.dispose()

@@ -108,6 +108,21 @@ def claim_due(
     return [(delivery, result) for delivery, result in rows]
 
 
+def release_leases(session: Session, node_name: str) -> int:
+    """At startup: free the deliveries this node had claimed when it stopped, so they are
+    sent now rather than when their leases would have run out."""
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.state == DeliveryState.PENDING.value,
+            Delivery.lease_owner.like(f"{node_name}:%"),
+        )
+        .values(lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def backoff(attempts: int, settings: DispatchSettings) -> timedelta:
     """The wait before attempt ``attempts + 1``: exponential, capped."""
     seconds = settings.retry_base_seconds * (2 ** max(attempts - 1, 0))
