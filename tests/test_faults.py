@@ -144,7 +144,7 @@ def test_kill_mid_association_keeps_every_acknowledged_instance(
         _, log = sender.communicate(timeout=60)
         assert sender.returncode != 0  # the association died under it
         acknowledged = _acknowledged(log)
-        assert 20 < len(acknowledged) < len(files)
+        assert 0 < len(acknowledged) < len(files)  # killed in the middle of the series
         served.start()  # restart: re-indexes the spool, closes the lost association
         with Session(engine) as session:
             rows = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
