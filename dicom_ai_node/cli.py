@@ -56,6 +56,9 @@ def _settings(config: Path | None) -> Settings:
 
 
 class _JsonLines(logging.Formatter):
+    """One JSON object per record; ``job_id`` and ``association_id`` are fields of their own
+    where the stages pass them (``extra=``), so a log shipper can group by them."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": self.formatTime(record),
@@ -63,6 +66,9 @@ class _JsonLines(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for field in ("job_id", "association_id"):
+            if (value := getattr(record, field, None)) is not None:
+                entry[field] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

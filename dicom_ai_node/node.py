@@ -281,14 +281,26 @@ class Node:
                         reason,
                     )
                     log.info(
-                        "job %d skipped: series %s: %s", job.id, series.series_instance_uid, reason
+                        "job %d skipped: series %s: %s",
+                        job.id,
+                        series.series_instance_uid,
+                        reason,
+                        extra={"job_id": job.id},
                     )
                 for job in enqueue(session, specs):
-                    log.info("job %d queued: route %s, model %s", job.id, job.route, job.model)
+                    log.info(
+                        "job %d queued: route %s, model %s",
+                        job.id,
+                        job.route,
+                        job.model,
+                        extra={"job_id": job.id},
+                    )
                     queued += 1
             for study in complete_studies(session, now, stable):
                 for job in enqueue(session, plan_study(rules, study)):
-                    log.info("job %d queued: study route %s", job.id, job.route)
+                    log.info(
+                        "job %d queued: study route %s", job.id, job.route, extra={"job_id": job.id}
+                    )
                     queued += 1
         return queued
 
@@ -382,6 +394,7 @@ class Node:
             len(prediction.images),
             len(results),
             deliveries,
+            extra={"job_id": job.id},
         )
         last_received = max(instance.received_at for instance in instances)
         self.metrics.end_to_end_seconds((utcnow() - last_received).total_seconds(), "written")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -149,3 +150,25 @@ def test_ctrl_c_lets_the_association_in_flight_finish(served: Served, tmp_path: 
         assert len(session.scalars(select(Instance)).all()) == 150
     assert not list(served.data.rglob(".tmp-*"))
     engine.dispose()
+
+
+def test_json_lines_logs_carry_job_and_association_ids(served: Served, tmp_path: Path) -> None:
+    study = generate_studies(Task.CXR_OPACITY, Label.POSITIVE, 1, tmp_path / "in", seed=9)[0]
+    served.env["DICOM_AI_NODE_LOGGING__JSON_LINES"] = "true"
+    served.start()
+    run_tool("dcmsend", "-aec", "AINODE", "127.0.0.1", str(served.port), "+sd", "+r", str(study))
+    engine = served.engine()
+
+    def done() -> bool:
+        with Session(engine) as session:
+            return session.scalars(select(Job).where(Job.state == "done")).first() is not None
+
+    wait_for(done, timeout=60)
+    engine.dispose()
+    assert served.signal(signal.SIGINT) == 0
+    records = [
+        json.loads(line) for line in served.log.read_text().splitlines() if line.startswith("{")
+    ]
+    assert records and all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    assert any("association_id" in r and "stored" in r["message"] for r in records)
+    assert {r["job_id"] for r in records if "job_id" in r} == {1}

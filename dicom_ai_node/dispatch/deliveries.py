@@ -203,10 +203,14 @@ def settle_job(session: Session, job_id: int) -> bool:
             f"job {job_id}: some results could not be delivered",
             error="delivery failed",
         )
-        log.warning("job %d failed_to_deliver: some results could not be delivered", job_id)
+        log.warning(
+            "job %d failed_to_deliver: some results could not be delivered",
+            job_id,
+            extra={"job_id": job_id},
+        )
         return False
     transition(session, job_id, JobState.DONE, f"job {job_id}: all results delivered")
-    log.info("job %d done: all results delivered", job_id)
+    log.info("job %d done: all results delivered", job_id, extra={"job_id": job_id})
     return True
 
 

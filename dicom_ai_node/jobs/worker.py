@@ -69,6 +69,7 @@ class Worker(PollingLoop):
             job.route,
             job.model,
             job.attempts,
+            extra={"job_id": job.id},
         )
         beating = threading.Event()
         heartbeat = threading.Thread(
@@ -93,7 +94,9 @@ class Worker(PollingLoop):
                     renewed = renew(session, job_id, self.owner, self.lease_seconds)
                 if not renewed:
                     if not done.is_set():  # not merely finished a moment ago
-                        log.warning("job %d: lease lost to another worker", job_id)
+                        log.warning(
+                            "job %d: lease lost to another worker", job_id, extra={"job_id": job_id}
+                        )
                     return
             except Exception:
                 log.exception("job %d: cannot renew the lease", job_id)
@@ -108,9 +111,21 @@ class Worker(PollingLoop):
         last = job.attempts >= self.max_attempts or permanent
         state = JobState.FAILED if last else JobState.QUEUED
         if last:
-            log.error("job %d failed (attempt %d): %s", job.id, job.attempts, error)
+            log.error(
+                "job %d failed (attempt %d): %s",
+                job.id,
+                job.attempts,
+                error,
+                extra={"job_id": job.id},
+            )
         else:
-            log.warning("job %d attempt %d failed, will retry: %s", job.id, job.attempts, error)
+            log.warning(
+                "job %d attempt %d failed, will retry: %s",
+                job.id,
+                job.attempts,
+                error,
+                extra={"job_id": job.id},
+            )
         with self.sessions.begin() as session:
             transition(
                 session,

@@ -301,6 +301,7 @@ class StorageSCP:
             time.monotonic() - info.started,
             info.stored,
             info.failed,
+            extra={"association_id": info.id},
         )
 
     def _on_rejected(self, event: evt.Event) -> None:
@@ -385,49 +386,58 @@ class StorageSCP:
         association_id = info.id if info else None
         calling = info.calling_ae_title if info else ""
         request = cast(C_STORE, event.request)
+
+        def refuse(code: int, reason: str) -> tuple[Dataset, int]:
+            log.warning(
+                "association %s: refused an instance (0x%04X): %s",
+                association_id,
+                code,
+                reason,
+                extra={"association_id": association_id},
+            )
+            return _status(code, reason), 0
+
         try:
             encoded = event.encoded_dataset()
             if len(encoded) > self.settings.max_instance_mb * 2**20:
                 # pynetdicom hands over a data set only once all of it has arrived, so this
                 # bounds what is written and kept, not what was buffered (PS3.4 B.2.3: 0xA700).
-                reason = (
+                return refuse(
+                    STATUS_OUT_OF_RESOURCES,
                     f"instance too large: {len(encoded) / 2**20:.1f} MB, "
-                    f"limit {self.settings.max_instance_mb:g} MB"
+                    f"limit {self.settings.max_instance_mb:g} MB",
                 )
-                log.warning("association %s: refused an instance: %s", association_id, reason)
-                return _status(STATUS_OUT_OF_RESOURCES, reason), 0
             header = read_header(
                 encoded,
                 self.extra_keywords,
                 transfer_syntax_uid=str(event.context.transfer_syntax),
             )
         except UnreadableInstanceError as exc:
-            log.warning("association %s: refused an instance: %s", association_id, exc)
-            return _status(STATUS_CANNOT_UNDERSTAND, str(exc)), 0
+            return refuse(STATUS_CANNOT_UNDERSTAND, str(exc))
         if header.sop_instance_uid != str(request.AffectedSOPInstanceUID).rstrip("\0 "):
-            reason = "SOP Instance UID differs from the request's Affected SOP Instance UID"
-            log.warning(
-                "association %s: refused %s: %s", association_id, header.sop_instance_uid, reason
+            return refuse(
+                STATUS_CANNOT_UNDERSTAND,
+                "SOP Instance UID differs from the request's Affected SOP Instance UID",
             )
-            return _status(STATUS_CANNOT_UNDERSTAND, reason), 0
         if header.sop_class_uid != str(request.AffectedSOPClassUID).rstrip("\0 "):
-            reason = "SOP Class UID differs from the request's Affected SOP Class UID"
-            log.warning("association %s: refused an instance: %s", association_id, reason)
-            return _status(STATUS_SOP_CLASS_MISMATCH, reason), 0
+            return refuse(
+                STATUS_SOP_CLASS_MISMATCH,
+                "SOP Class UID differs from the request's Affected SOP Class UID",
+            )
         if not self.space_left():
-            return _status(STATUS_OUT_OF_RESOURCES, "node storage is full"), 0
+            return _status(STATUS_OUT_OF_RESOURCES, "node storage is full"), 0  # logged once
         try:
             path = self.spool.instance_path(
                 header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
             )
         except InvalidUIDError as exc:
-            return _status(STATUS_CANNOT_UNDERSTAND, str(exc)), 0
+            return refuse(STATUS_CANNOT_UNDERSTAND, str(exc))
         replaces_file = path.exists()
         try:
             self.spool.write(path, encoded)
         except OSError as exc:
-            log.error("association %s: cannot write %s: %s", association_id, path, exc)
-            return _status(STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}"), 0
+            log.error("cannot write %s: %s", path, exc)
+            return refuse(STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}")
         try:
             with self.engine.begin() as connection:
                 recorded = record_instance(
@@ -437,7 +447,7 @@ class StorageSCP:
             log.exception("association %s: cannot record an instance", association_id)
             if not replaces_file:  # never delete an earlier copy that was acknowledged
                 self.spool.remove(path)
-            return _status(STATUS_OUT_OF_RESOURCES, f"job log unavailable: {type(exc).__name__}"), 0
+            return refuse(STATUS_OUT_OF_RESOURCES, f"job log unavailable: {type(exc).__name__}")
         if recorded.old_path is not None:
             self.spool.remove(Path(recorded.old_path))
         return STATUS_SUCCESS, len(encoded)
