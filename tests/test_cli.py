@@ -123,3 +123,26 @@ def test_send_folder_to_a_node_and_list_its_jobs(
     refused = cli("jobs", "retry", str(jobs[0]["id"]), "--config", str(config))
     assert refused.returncode == 1
     assert "skipped" in refused.stderr
+
+
+def test_model_card_that_does_not_match_its_weights_stops_startup(tmp_path: Path) -> None:
+    import shutil
+
+    from dicom_ai_node.infer.runtime import BUNDLED_MODELS_DIR
+
+    package = tmp_path / "models" / "broken-demo"
+    shutil.copytree(BUNDLED_MODELS_DIR / "cxr-opacity-demo", package)
+    card = (package / "model.toml").read_text()
+    card = card.replace('name = "cxr-opacity-demo"', 'name = "broken-demo"')
+    card = card.replace("height = 128", "height = 96")  # the weights take 128x128
+    (package / "model.toml").write_text(card)
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[storage]\ndata_dir = "{tmp_path / "var"}"\n[models]\ndirs = ["{tmp_path / "models"}"]\n'
+        "[dicom]\nport = 0\n[http]\nport = 0\n"
+        '[[routes]]\nname = "r"\nmodel = "broken-demo"\nwhere = { Modality = ["CR"] }\n'
+    )
+    result = cli("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "broken-demo" in result.stderr and "input" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
