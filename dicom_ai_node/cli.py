@@ -100,28 +100,35 @@ def serve(config: ConfigOption = None) -> None:
     settings = _settings(config)
     _setup_logging(settings)
     log = logging.getLogger("dicom_ai_node")
-    try:
-        node = Node(settings)
-        node.start()
-    except ConfigError as exc:
-        err.print(f"[red]configuration error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    except OSError as exc:
-        err.print(f"[red]cannot start:[/red] {exc}")
-        raise typer.Exit(1) from None
     stop = threading.Event()
 
     def _signal(signum: int, _frame: Any) -> None:
         log.info("stopping (%s)", signal.Signals(signum).name)
         stop.set()
 
+    # Before anything listens: a Ctrl-C during startup stops the node cleanly too.
+    signal.signal(signal.SIGINT, _signal)
+    signal.signal(signal.SIGTERM, _signal)
+    try:
+        node = Node(settings)
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    try:
+        node.start()
+    except ConfigError as exc:
+        node.stop()  # what had started already
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        node.stop()
+        err.print(f"[red]cannot start:[/red] {exc}")
+        raise typer.Exit(1) from None
     if node.http.token_generated:
         # Printed, not logged, so the token stays out of shipped logs.
         err.print(f"dashboard: {node.http.login_url}")
     else:
         log.info("dashboard: %s", node.http.url)
-    signal.signal(signal.SIGINT, _signal)
-    signal.signal(signal.SIGTERM, _signal)
     log.info(
         "node %s ready: DICOM %s@%s:%d, data in %s, models: %s",
         settings.node_name,

@@ -146,3 +146,26 @@ def test_model_card_that_does_not_match_its_weights_stops_startup(tmp_path: Path
     assert result.returncode == 2
     assert "broken-demo" in result.stderr and "input" in result.stderr.lower()
     assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_stops_serve_with_one_message(tmp_path: Path) -> None:
+    import socket
+
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = cli(
+            "serve",
+            env={
+                "DICOM_AI_NODE_CONFIG": str(empty),
+                "DICOM_AI_NODE_DICOM__BIND": "127.0.0.1",
+                "DICOM_AI_NODE_DICOM__PORT": str(taken.getsockname()[1]),
+                "DICOM_AI_NODE_HTTP__PORT": "0",
+                "DICOM_AI_NODE_STORAGE__DATA_DIR": str(tmp_path / "var"),
+            },
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and "Traceback" not in result.stderr
