@@ -8,7 +8,8 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,35 @@ def write(ds: Dataset, folder: Path) -> Path:
     path = folder / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+@contextmanager
+def storescp(
+    port: int, out: Path, aet: str = "PACS", options: Sequence[str] = ()
+) -> Iterator[Path]:
+    """DCMTK ``storescp`` on ``port`` writing what it receives to ``out`` (a PACS stand-in);
+    ``options`` are more storescp options (TLS ones, say)."""
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [require("storescp"), "-aet", aet, "-od", str(out), *options, str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def listening() -> bool:
+            assert proc.poll() is None, "storescp exited"
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(listening, timeout=10)
+        yield out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def received_uids(folder: Path) -> list[str]:
+    """SOP Instance UIDs of the files ``storescp`` wrote."""
+    return sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in folder.iterdir())

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event as DicomEvent
 from sqlalchemy import select
@@ -27,41 +26,12 @@ from sqlalchemy import select
 from dicom_ai_node.jobs.models import Delivery, Event, Job, Result
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.helpers import DCMTK_ENV, free_port, require, run_tool, wait_for
+from tests.helpers import free_port, received_uids, run_tool, storescp, wait_for
 
 ROOT = Path(__file__).parent.parent
 
 
 # --- peers ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def storescp(port: int, out: Path, aet: str = "PACS") -> Iterator[Path]:
-    """DCMTK ``storescp`` on ``port`` writing what it receives to ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [require("storescp"), "-aet", aet, "-od", str(out), str(port)],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-
-        def listening() -> bool:
-            assert proc.poll() is None, "storescp exited"
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_for(listening, timeout=10)
-        yield out
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def received_uids(folder: Path) -> list[str]:
-    """SOP Instance UIDs of the files ``storescp`` wrote."""
-    return sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in folder.iterdir())
 
 
 ABORT = -1  # a scripted "status": the peer aborts the association instead of answering

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from dicom_ai_node.jobs.models import Delivery, Instance, Job, Result
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.helpers import free_port, instance, run_tool, wait_for
+from tests.helpers import free_port, instance, received_uids, run_tool, storescp, wait_for
 from tests.test_process import Served
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -276,7 +276,6 @@ def test_kill_during_delivery_and_restart_delivers_each_result_once(tmp_path: Pa
     """The PACS is down, so results wait in the delivery queue; the node is killed (-9),
     the PACS comes up, the node restarts: every result arrives, under the UID the job log
     recorded, and nothing else."""
-    from tests.test_dispatch import received_uids, storescp
 
     pacs_port = free_port()
     config = tmp_path / "node.toml"

@@ -7,8 +7,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,11 @@ from dicom_ai_node.dispatch.scu import send_files
 from dicom_ai_node.node import Node
 from tests.certs import Certificates, KeyPair, make_certificates
 from tests.helpers import (
-    DCMTK_ENV,
     free_port,
     instance,
     make_settings,
-    require,
     run_tool,
-    wait_for,
+    storescp,
     write,
 )
 
@@ -170,33 +167,9 @@ def test_missing_certificate_file_is_a_configuration_error(
         Node(settings, models={})
 
 
-@contextmanager
-def tls_storescp(port: int, out: Path, certs: Certificates) -> Iterator[Path]:
+def tls_storescp(port: int, out: Path, certs: Certificates) -> Any:
     """DCMTK ``storescp`` over TLS that requires a client certificate from our CA."""
-    out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [
-            require("storescp"),
-            *("-aet", "PACS", "-od", str(out)),
-            *with_cert(certs.server, certs.ca),
-            *("--require-peer-cert", str(port)),
-        ],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-
-        def listening() -> bool:
-            assert proc.poll() is None, "storescp exited"
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_for(listening, timeout=10)
-        yield out
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    return storescp(port, out, options=[*with_cert(certs.server, certs.ca), "--require-peer-cert"])
 
 
 def test_dispatch_over_tls_to_dcmtk_storescp(certs: Certificates, tmp_path: Path) -> None:
