@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import threading
 import time
 from io import BytesIO
 from pathlib import Path
@@ -27,6 +26,7 @@ from dicom_ai_node.assemble import complete_series, complete_studies
 from dicom_ai_node.config import ConfigError, Settings
 from dicom_ai_node.dispatch.deliveries import Dispatcher, plan_deliveries, release_leases
 from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, upgrade
+from dicom_ai_node.jobs.loop import PollingLoop
 from dicom_ai_node.jobs.models import Instance, Job, JobState, Prediction, Result, utcnow
 from dicom_ai_node.jobs.queue import enqueue, record_skipped, recover, transition, worker_id
 from dicom_ai_node.jobs.store import add_event, upsert
@@ -79,6 +79,25 @@ def usable(ds: Dataset) -> Dataset:
         if any(term and term not in python_encoding for term in values):
             ds.SpecificCharacterSet = "ISO_IR 192"
     return ds
+
+
+class _Assembler(PollingLoop):
+    """Every poll: complete series and studies and queue their jobs; now and then, prune."""
+
+    thread_name = "assemble"
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(node.settings.assemble.poll_seconds)
+        self.node = node
+        self._next_prune = 0.0
+
+    def run_once(self) -> bool:
+        if self.node.assemble_once():
+            self.node.worker.wake()
+        if self.node.settings.storage.retention_days and time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PRUNE_INTERVAL_SECONDS
+            self.node.prune_once()
+        return False  # the next pass is due at the next poll, whatever this one found
 
 
 class Node:
@@ -145,8 +164,7 @@ class Node:
             dashboard_url=settings.http.public_url,
             metrics=self.metrics,
         )
-        self._stop = threading.Event()
-        self._assembler: threading.Thread | None = None
+        self.assembler = _Assembler(self)
 
     def _load_models(self) -> dict[str, LoadedModel]:
         """Load the models the routes name (each once), refusing unknown or broken ones."""
@@ -195,8 +213,7 @@ class Node:
                 reindexed,
             )
         self.scp.start()
-        self._assembler = threading.Thread(target=self._assemble_loop, name="assemble", daemon=True)
-        self._assembler.start()
+        self.assembler.start()
         self.worker.start()
         self.dispatcher.start()
         self.http.start()
@@ -224,27 +241,13 @@ class Node:
         """Stop accepting, let in-flight associations finish, stop the stages."""
         self.http.stop()
         self.scp.stop()
-        self._stop.set()
-        if self._assembler is not None:
-            self._assembler.join()
+        self.assembler.stop()
         self.worker.stop()
         self.dispatcher.stop()
         self.notifier.stop()
         self.engine.dispose()
 
     # --- assemble and route ----------------------------------------------------------------
-
-    def _assemble_loop(self) -> None:
-        next_prune = 0.0
-        while not self._stop.wait(self.settings.assemble.poll_seconds):
-            try:
-                if self.assemble_once():
-                    self.worker.wake()
-                if self.settings.storage.retention_days and time.monotonic() >= next_prune:
-                    next_prune = time.monotonic() + PRUNE_INTERVAL_SECONDS
-                    self.prune_once()
-            except Exception:
-                log.exception("assemble: job log unavailable; retrying")
 
     def prune_once(self) -> int:
         """Apply ``[storage] retention_days``; returns how many series were pruned."""

@@ -11,7 +11,6 @@ receives the same object again, never a second copy with a new UID.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -21,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DestinationSettings, DispatchSettings
 from dicom_ai_node.dispatch.scu import Peer, SendOutcome, send_files
+from dicom_ai_node.jobs.loop import PollingLoop
 from dicom_ai_node.jobs.models import (
     Delivery,
     DeliveryState,
@@ -135,15 +135,15 @@ def record_outcome(
     outcome: SendOutcome,
     settings: DispatchSettings,
     now: datetime | None = None,
-) -> bool:
+) -> int | None:
     """Record one attempt; schedule the next one or close the delivery.
 
-    Returns whether this completed the delivery of its job's results (job now ``done``).
+    Returns the job's id when this completed the delivery of its results (job now ``done``).
     """
     now = now or utcnow()
     delivery = session.get(Delivery, delivery_id, populate_existing=True)
     if delivery is None:
-        return False
+        return None
     delivery.attempts += 1
     delivery.last_status = outcome.status
     delivery.last_error = outcome.error or None
@@ -184,7 +184,7 @@ def record_outcome(
             status=outcome.status,
         )
     session.flush()
-    return settle_job(session, delivery.job_id)
+    return delivery.job_id if settle_job(session, delivery.job_id) else None
 
 
 def settle_job(session: Session, job_id: int) -> bool:
@@ -250,6 +250,19 @@ def resend(session: Session, job_id: int) -> int:
     return count
 
 
+class _Sender(PollingLoop):
+    """The loop sending to one destination."""
+
+    def __init__(self, dispatcher: Dispatcher, destination: str) -> None:
+        super().__init__(dispatcher.settings.poll_seconds)
+        self.thread_name = f"dispatch-{destination}"
+        self.dispatcher = dispatcher
+        self.destination = destination
+
+    def run_once(self) -> bool:
+        return self.dispatcher.run_once(self.destination) > 0
+
+
 class Dispatcher:
     """One sender thread per destination, so a slow or dead peer holds up only itself."""
 
@@ -269,39 +282,20 @@ class Dispatcher:
         self.on_outcome = on_outcome
         self.on_delivered = on_delivered
         self.peers = {d.name: peer(d, calling_ae_title) for d in destinations}
-        self._stop = threading.Event()
-        self._wake = {name: threading.Event() for name in self.peers}
-        self._threads: list[threading.Thread] = []
+        self._senders = [_Sender(self, name) for name in self.peers]
 
     def start(self) -> None:
-        for name in self.peers:
-            thread = threading.Thread(
-                target=self._run, args=(name,), name=f"dispatch-{name}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
+        for sender in self._senders:
+            sender.start()
 
     def wake(self) -> None:
         """Look for due deliveries now (results were just written)."""
-        for event in self._wake.values():
-            event.set()
+        for sender in self._senders:
+            sender.wake()
 
     def stop(self, timeout: float | None = None) -> None:
-        self._stop.set()
-        self.wake()
-        for thread in self._threads:
-            thread.join(timeout)
-
-    def _run(self, name: str) -> None:
-        while not self._stop.is_set():
-            try:
-                sent = self.run_once(name)
-            except Exception:
-                log.exception("dispatch to %s: unexpected error; retrying", name)
-                sent = 0
-            if not sent:
-                self._wake[name].wait(self.settings.poll_seconds)
-                self._wake[name].clear()
+        for sender in self._senders:
+            sender.stop(timeout)
 
     def run_once(self, name: str) -> int:
         """Send what is due to destination ``name``; returns how many were attempted."""
@@ -313,11 +307,8 @@ class Dispatcher:
         outcomes = send_files(list(by_path), self.peers[name], timeout=self.settings.timeout)
         for outcome in outcomes:
             with self.sessions.begin() as session:
-                job_done = record_outcome(session, by_path[outcome.path], outcome, self.settings)
-                delivery = session.get(Delivery, by_path[outcome.path])
-                received = (
-                    last_received(session, delivery.job_id) if job_done and delivery else None
-                )
+                done_job = record_outcome(session, by_path[outcome.path], outcome, self.settings)
+                received = last_received(session, done_job) if done_job is not None else None
             if received is not None and self.on_delivered is not None:
                 self.on_delivered((utcnow() - received).total_seconds())
             if self.on_outcome is not None:
