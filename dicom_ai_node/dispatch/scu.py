@@ -88,12 +88,17 @@ def _describe(paths: Iterable[Path]) -> tuple[list[_File], list[SendOutcome]]:
     return files, unreadable
 
 
+def _context_keys(f: _File) -> list[tuple[str, str | None]]:
+    """The presentation contexts a file needs: its own compressed syntax (if any) and the
+    uncompressed ones (``None``), for its SOP Class."""
+    keys: list[tuple[str, str | None]] = [(f.sop_class_uid, None)]
+    if f.transfer_syntax_uid not in _UNCOMPRESSED:
+        keys.insert(0, (f.sop_class_uid, f.transfer_syntax_uid))
+    return keys
+
+
 def _contexts(files: Sequence[_File]) -> list[PresentationContext]:
-    wanted: dict[tuple[str, str | None], None] = {}
-    for f in files:
-        if f.transfer_syntax_uid not in _UNCOMPRESSED:
-            wanted[(f.sop_class_uid, f.transfer_syntax_uid)] = None
-        wanted[(f.sop_class_uid, None)] = None
+    wanted = dict.fromkeys(key for f in files for key in _context_keys(f))
     return [
         build_context(sop_class, [ts] if ts else list(_UNCOMPRESSED)) for sop_class, ts in wanted
     ]
@@ -102,9 +107,13 @@ def _contexts(files: Sequence[_File]) -> list[PresentationContext]:
 def _batches(files: Sequence[_File]) -> list[list[_File]]:
     """Split files so that each batch needs at most 128 presentation contexts."""
     batches: list[list[_File]] = [[]]
+    keys: set[tuple[str, str | None]] = set()
     for f in files:
-        if len(_contexts([*batches[-1], f])) > _MAX_CONTEXTS:
+        needed = keys.union(_context_keys(f))
+        if len(needed) > _MAX_CONTEXTS:
             batches.append([])
+            needed = set(_context_keys(f))
+        keys = needed
         batches[-1].append(f)
     return [b for b in batches if b]
 
