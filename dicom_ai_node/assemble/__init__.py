@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from dicom_ai_node.jobs.models import Association, Instance, Series, SeriesState, Study
@@ -96,11 +96,7 @@ def complete_studies(
     ).all()
     studies = []
     for study in ready:
-        session.execute(
-            update(Study)
-            .where(Study.study_instance_uid == study.study_instance_uid)
-            .values(state=SeriesState.COMPLETE.value)
-        )
+        study.state = SeriesState.COMPLETE.value
         members = session.scalars(
             select(Series).where(Series.study_instance_uid == study.study_instance_uid)
         ).all()

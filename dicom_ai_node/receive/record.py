@@ -253,14 +253,12 @@ def close_association(session: Session, association_id: str, outcome: str) -> No
 
 def close_stale_associations(session: Session, node_name: str) -> int:
     """At startup: associations this node had open when it died can no longer send."""
-    ids = session.scalars(
-        select(Association.id).where(
-            Association.node_name == node_name, Association.ended_at.is_(None)
-        )
-    ).all()
-    for association_id in ids:
-        close_association(session, association_id, "lost")
-    return len(ids)
+    result = session.execute(
+        update(Association)
+        .where(Association.node_name == node_name, Association.ended_at.is_(None))
+        .values(ended_at=utcnow(), outcome="lost")
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def reindex(sessions: sessionmaker[Session], spool: Spool) -> int:
