@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,8 +19,10 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import Settings
+from dicom_ai_node.jobs.queue import claim
 
 # DCMTK tools stall ~40 ms per message on loopback without it (delayed ACKs).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -142,3 +145,26 @@ def storescp(
 def received_uids(folder: Path) -> list[str]:
     """SOP Instance UIDs of the files ``storescp`` wrote."""
     return sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in folder.iterdir())
+
+
+def claim_from_threads(sessions: sessionmaker[Session], workers: int) -> list[int]:
+    """Job ids claimed by ``workers`` threads racing to empty the queue (with repeats, if
+    the claim were broken)."""
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        while True:
+            with sessions.begin() as session:
+                job = claim(session, f"w:{n}", 60, 3)
+            if job is None:
+                return
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return claimed

@@ -11,21 +11,20 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
 from dicom_ai_node.jobs.models import Instance, Job, Series
-from dicom_ai_node.jobs.queue import JobSpec, claim, enqueue
+from dicom_ai_node.jobs.queue import JobSpec, enqueue
 from dicom_ai_node.node import Node
-from tests.helpers import free_port, instance, wait_for
+from tests.helpers import claim_from_threads, free_port, instance, wait_for
 
 
 def _postgres_bin() -> Path:
@@ -74,13 +73,21 @@ def postgres_url() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def empty_job_log(url: str) -> Engine:
+    """An engine on the migrated, emptied job log at ``url`` (each test starts afresh)."""
+    engine = create_db_engine(url)
+    upgrade(engine)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "TRUNCATE jobs, predictions, results, deliveries, events, instances, series, "
+            "studies, associations CASCADE"
+        )
+    return engine
+
+
 @pytest.fixture
 def sessions(postgres_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = create_db_engine(postgres_url)
-    upgrade(engine)
-    with engine.begin() as connection:  # each test starts from an empty job log
-        tables = "jobs, predictions, results, deliveries, events, instances, series, studies"
-        connection.exec_driver_sql(f"TRUNCATE {tables}, associations CASCADE")
+    engine = empty_job_log(postgres_url)
     yield session_factory(engine)
     engine.dispose()
 
@@ -94,23 +101,7 @@ def test_migrations_apply_and_skip_locked_claims_each_job_once(
     ]
     with sessions.begin() as session:
         enqueue(session, specs)
-    claimed: list[int] = []
-    lock = threading.Lock()
-
-    def worker(n: int) -> None:
-        while True:
-            with sessions.begin() as session:
-                job = claim(session, f"host{n}:1", 60, 3)
-            if job is None:
-                return
-            with lock:
-                claimed.append(job.id)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    claimed = claim_from_threads(sessions, 4)
     assert len(claimed) == 40 and len(set(claimed)) == 40
     with sessions() as session:
         priorities = [
@@ -122,14 +113,7 @@ def test_migrations_apply_and_skip_locked_claims_each_job_once(
 def test_node_records_instances_and_routes_on_postgres(
     node_factory: Callable[..., Node], postgres_url: str, tmp_path: Path
 ) -> None:
-    engine = create_db_engine(postgres_url)
-    upgrade(engine)
-    with engine.begin() as connection:
-        connection.exec_driver_sql(
-            "TRUNCATE jobs, predictions, results, deliveries, events, instances, series, "
-            "studies, associations CASCADE"
-        )
-    engine.dispose()
+    empty_job_log(postgres_url).dispose()
     node = node_factory(routes=[], database={"url": postgres_url})
     study, series = generate_uid(), generate_uid()
     datasets = [instance(study=study, series=series, InstanceNumber=n) for n in range(1, 4)]

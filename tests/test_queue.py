@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -14,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
 from dicom_ai_node.jobs.models import Event, Job, JobState, utcnow
 from dicom_ai_node.jobs.queue import JobSpec, claim, enqueue, recover, renew, retry
+from tests.helpers import claim_from_threads
 
 
 @pytest.fixture
@@ -58,23 +58,7 @@ def test_claims_by_priority_then_age(sessions: sessionmaker[Session]) -> None:
 def test_concurrent_workers_claim_each_job_once(sessions: sessionmaker[Session]) -> None:
     with sessions.begin() as session:
         enqueue(session, [spec(i % 3, f"1.2.{i}") for i in range(60)])
-    claimed: list[int] = []
-    lock = threading.Lock()
-
-    def worker(n: int) -> None:
-        while True:
-            with sessions.begin() as session:
-                job = claim(session, f"w:{n}", 60, 3)
-            if job is None:
-                return
-            with lock:
-                claimed.append(job.id)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    claimed = claim_from_threads(sessions, 6)
     assert len(claimed) == 60
     assert len(set(claimed)) == 60
 
