@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import require
 
@@ -72,3 +73,18 @@ def make_certificates(folder: Path) -> Certificates:
     rogue = _ca(folder, "rogue-ca")
     untrusted = _leaf(folder, "untrusted-client", rogue, "extendedKeyUsage=clientAuth")
     return Certificates(ca.certificate, server, client, untrusted)
+
+
+def tls_destination(port: int, certs: Certificates) -> dict[str, Any]:
+    """A ``[[destinations]]`` entry for a TLS storescp on loopback that trusts our client
+    certificate (see ``tests.test_tls.tls_storescp``)."""
+    return {
+        "name": "pacs",
+        "ae_title": "PACS",
+        "host": "127.0.0.1",
+        "port": port,
+        "tls": True,
+        "ca_certificates": certs.ca,
+        "certificate": certs.client.certificate,
+        "private_key": certs.client.private_key,
+    }

@@ -7,10 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import Settings
+from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
 from dicom_ai_node.node import Node
 from tests.helpers import make_settings
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """A migrated SQLite job log in ``tmp_path``."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    upgrade(engine)
+    yield session_factory(engine)
+    engine.dispose()
 
 
 @pytest.fixture

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
 from dicom_ai_node.jobs.models import Event, Job, JobState, utcnow
 from dicom_ai_node.jobs.queue import JobSpec, claim, enqueue, recover, renew, retry
 from tests.helpers import claim_from_threads
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
-    upgrade(engine)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def spec(priority: int = 0, series: str = "1.2.3") -> JobSpec:

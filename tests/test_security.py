@@ -24,7 +24,7 @@ from dicom_ai_node.config import ConfigError, load_settings
 from dicom_ai_node.jobs.models import Job
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.certs import make_certificates
+from tests.certs import make_certificates, tls_destination
 from tests.helpers import free_port, run_tool, wait_for
 from tests.test_tls import tls_storescp
 
@@ -154,16 +154,7 @@ def test_patient_identifiers_stay_out_of_logs_and_files_stay_private(
         ds.PatientName, ds.PatientID, ds.PatientBirthDate = SECRETS[0], SECRETS[2], SECRETS[3]
         ds.save_as(path)
     routes = [{**route, "destinations": ["pacs"]} for route in shipped_routes]
-    destination = {
-        "name": "pacs",
-        "ae_title": "PACS",
-        "host": "127.0.0.1",
-        "port": port,
-        "tls": True,
-        "ca_certificates": certs.ca,
-        "certificate": certs.client.certificate,
-        "private_key": certs.client.private_key,
-    }
+    destination = tls_destination(port, certs)
     with tls_storescp(port, tmp_path / "pacs", certs) as received:
         node = node_factory(models=demo_models, routes=routes, destinations=[destination])
         run_tool(

@@ -20,7 +20,7 @@ from dicom_ai_node.config import ConfigError, DestinationSettings
 from dicom_ai_node.dispatch.deliveries import peer
 from dicom_ai_node.dispatch.scu import send_files
 from dicom_ai_node.node import Node
-from tests.certs import Certificates, KeyPair, make_certificates
+from tests.certs import Certificates, KeyPair, make_certificates, tls_destination
 from tests.helpers import (
     free_port,
     instance,
@@ -175,16 +175,7 @@ def tls_storescp(port: int, out: Path, certs: Certificates) -> Any:
 def test_dispatch_over_tls_to_dcmtk_storescp(certs: Certificates, tmp_path: Path) -> None:
     port = free_port()
     files = [write(instance(), tmp_path / "results") for _ in range(2)]
-    destination: dict[str, Any] = {
-        "name": "pacs",
-        "ae_title": "PACS",
-        "host": "127.0.0.1",
-        "port": port,
-        "tls": True,
-        "ca_certificates": certs.ca,
-        "certificate": certs.client.certificate,
-        "private_key": certs.client.private_key,
-    }
+    destination = tls_destination(port, certs)
     with tls_storescp(port, tmp_path / "pacs", certs) as folder:
         outcomes = send_files(files, peer(DestinationSettings(**destination), "AINODE"))
         assert [o.status for o in outcomes] == [0x0000, 0x0000]

@@ -10,19 +10,10 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DestinationSettings
-from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, upgrade
+from dicom_ai_node.jobs.db import read_only, session_factory
 from dicom_ai_node.web.metrics import NodeMetrics
 from dicom_ai_node.web.server import HttpServer
 from tests.web.support import TOKEN, JobLog, Running
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    """A migrated SQLite job log in ``tmp_path``."""
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
-    upgrade(engine)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture
