@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pydicom import Dataset, dcmread
 from pydicom.charset import python_encoding
-from pydicom.uid import KeyObjectSelectionDocumentStorage
+from pydicom.uid import KeyObjectSelectionDocumentStorage, generate_uid
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
@@ -420,7 +420,7 @@ class Node:
         )
         context = ReportContext(
             station_ae_title=self.settings.dicom.ae_title,
-            device_uid=result_uids(f"device:{self.settings.node_name}").sr_series,
+            device_uid=generate_uid(entropy_srcs=["device", self.settings.node_name]),
             software_version=__version__,
             created=datetime.datetime.now(datetime.UTC),
         )
