@@ -39,7 +39,7 @@ from dicom_ai_node.demo import DEMO_ROUTES  # noqa: E402
 from dicom_ai_node.jobs.models import Delivery, Instance, Job, Result  # noqa: E402
 from dicom_ai_node.node import Node  # noqa: E402
 from dicom_ai_node.synth import Label, Task, generate_studies  # noqa: E402
-from tests.orthanc import Orthanc  # noqa: E402
+from tests.support.orthanc import Orthanc  # noqa: E402
 
 TARGETS = {"radiograph": 2.0, "ct": 10.0}  # seconds, stable time excluded
 

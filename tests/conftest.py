@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_ai_node.config import Settings
 from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
 from dicom_ai_node.node import Node
-from tests.helpers import make_settings
+from tests.support.helpers import ROOT, make_settings
 
 
 @pytest.fixture
@@ -58,6 +58,6 @@ def shipped_routes() -> list[dict[str, Any]]:
     """The routes of ``config/node.toml`` as shipped."""
     import tomllib
 
-    with (Path(__file__).parent.parent / "config" / "node.toml").open("rb") as f:
+    with (ROOT / "config" / "node.toml").open("rb") as f:
         routes: list[dict[str, Any]] = tomllib.load(f)["routes"]
     return routes

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from dicom_ai_node.jobs.models import Instance, Job
 from dicom_ai_node.node import Node
-from tests.helpers import instance, wait_for, write
+from tests.support.helpers import instance, wait_for, write
 
 
 def cli(

@@ -11,9 +11,7 @@ from pydicom import dcmread
 from typer.testing import CliRunner
 
 from dicom_ai_node.demo import DEMO_ROUTES, PacsAddress, demo
-from tests.helpers import free_port, storescp
-
-ROOT = Path(__file__).parent.parent
+from tests.support.helpers import ROOT, free_port, storescp
 
 
 def app() -> typer.Typer:

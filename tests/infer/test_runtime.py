@@ -16,8 +16,7 @@ from dicom_ai_node.infer import (
     load_models,
 )
 from dicom_ai_node.infer.card import Aggregation, InputSpec, LabelSpec, ModelCard
-
-from .conftest import write_package
+from tests.support.models import write_package
 
 
 def test_importing_infer_does_not_import_tensorflow():

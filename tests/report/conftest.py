@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import shutil
-import subprocess
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -161,29 +159,3 @@ def ct_series() -> list[Dataset]:
         ds["PixelData"].VR = "OW"
         slices.append(ds)
     return slices
-
-
-def write(dataset: Dataset, path) -> str:
-    """Write ``dataset`` as a PS3.10 file and return its path as a string."""
-    dataset.save_as(path, enforce_file_format=True)
-    return str(path)
-
-
-PIXELMED_ENV = {
-    "JAVA_TOOL_OPTIONS": "-Djdk.xml.xpathExprOpLimit=0 -Djdk.xml.xpathExprGrpLimit=0 "
-    "-Djdk.xml.xpathTotalOpLimit=0"
-}
-
-
-def tool(name: str) -> str:
-    """Path of a validator binary, or skip the test when it is not installed."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (Debian packages dicom3tools, pixelmed-apps, dcmtk)")
-    return path
-
-
-def dciodvfy_errors(path: str) -> list[str]:
-    """The "Error" lines dciodvfy (dicom3tools) prints for the file."""
-    run = subprocess.run([tool("dciodvfy"), path], capture_output=True, text=True, timeout=60)
-    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]

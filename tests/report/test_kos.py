@@ -6,8 +6,8 @@ import highdicom as hd
 import pydicom
 
 from dicom_ai_node.report import build_kos, result_uids
-
-from .conftest import dciodvfy_errors, write
+from tests.support.helpers import write
+from tests.support.validators import dciodvfy_errors
 
 
 def _kos(sources, prediction, card, context):
@@ -25,7 +25,7 @@ def _kos(sources, prediction, card, context):
 def test_flags_key_and_positive_images(tmp_path, ct_series, predict, card, context):
     kos = _kos(ct_series, predict(ct_series, [0.2, 0.7, 0.9, 0.6, 0.1]), card, context)
     assert kos is not None
-    path = write(kos, tmp_path / "kos.dcm")
+    path = write(kos, tmp_path)
     read = hd.ko.KeyObjectSelectionDocument.from_dataset(pydicom.dcmread(path))
 
     assert read.ConceptNameCodeSequence[0].CodeValue == "113000"  # Of Interest

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
 
 import pytest
 
 from dicom_ai_node.report import build_results, result_uids
-
-from .conftest import PIXELMED_ENV, tool, write
+from tests.support.helpers import write
+from tests.support.validators import sr_validator
 
 SERIES_P = [0.2, 0.7, 0.9, 0.6, 0.1]
 
@@ -56,27 +54,13 @@ def test_same_seed_same_uids_and_bytes(ct_series, predict, card, context):
 def test_pixelmed_validates_sr_and_kos(tmp_path, ct_series, cr_mono1, predict, card, context):
     """DicomSRValidator on the multi-image SR, the radiograph SR and the KOS, in parallel
     (one JVM each takes ~10 s). Errors fail; its warnings are listed in docs/results.md."""
-    validator = tool("DicomSRValidator")
     series = _results(ct_series, predict(ct_series, SERIES_P), card, context, ("sr", "kos"))
     radiograph = _results([cr_mono1], predict([cr_mono1], [0.8]), card, context, ("sr",))
-    paths = [
-        write(dataset, tmp_path / f"{i}.dcm") for i, dataset in enumerate([*series, *radiograph])
-    ]
-    env = {**os.environ, **PIXELMED_ENV}
-    runs = [
-        subprocess.Popen(
-            [validator, path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
-        for path in paths
-    ]
-    outputs = [run.communicate(timeout=120)[0] for run in runs]
-    for path, output in zip(paths, outputs, strict=True):
-        assert "IOD validation complete" in output, output
-        errors = [line for line in output.splitlines() if line.startswith("Error")]
-        assert errors == [], f"{path}: {errors}"
-        warnings = [line for line in output.splitlines() if line.startswith("Warning")]
+    paths = [write(dataset, tmp_path) for i, dataset in enumerate([*series, *radiograph])]
+    for path, findings in zip(paths, sr_validator(paths), strict=True):
+        assert findings.errors == [], f"{path}: {findings.errors}"
         # only the qualitative evaluation row, which pixelmed's TID 1501 does not list
         assert all(
             'CODE (404684003,SCT,"Clinical finding"): Content Item not in template' in w
-            for w in warnings
+            for w in findings.warnings
         )

@@ -9,8 +9,8 @@ from PIL import Image
 
 from dicom_ai_node.report import build_sc, result_uids
 from dicom_ai_node.report.render import MIN_SIDE
-
-from .conftest import dciodvfy_errors, write
+from tests.support.helpers import write
+from tests.support.validators import dciodvfy_errors
 
 YELLOW = (255, 220, 0)
 
@@ -29,7 +29,7 @@ def _sc(source, prediction, card, context, seed="job-sc"):
 
 def test_radiograph_rendering(tmp_path, cr_mono1, predict, card, context):
     sc = _sc(cr_mono1, predict([cr_mono1], [0.87]), card, context)
-    path = write(sc, tmp_path / "sc.dcm")
+    path = write(sc, tmp_path)
     pixels = pydicom.dcmread(path).pixel_array
     Image.fromarray(pixels).save(tmp_path / "sc.png")  # to look at
 
@@ -85,8 +85,8 @@ def test_orientation_from_image_orientation(ct_series, predict, card, context):
 @pytest.mark.parametrize("name", ["cr_mono1", "ct_small", "ct_j2k"])
 def test_dciodvfy_adds_no_errors(request, tmp_path, name, predict, card, context):
     source = request.getfixturevalue(name)
-    path = write(_sc(source, predict([source], [0.9]), card, context), tmp_path / "sc.dcm")
-    source_path = write(source, tmp_path / "source.dcm")
+    path = write(_sc(source, predict([source], [0.9]), card, context), tmp_path)
+    source_path = write(source, tmp_path)
     # the JPEG 2000 test file itself lacks Laterality and de-identification details
     assert set(dciodvfy_errors(path)) <= set(dciodvfy_errors(source_path))
     if name != "ct_j2k":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from typing import Any
 
 import highdicom as hd
@@ -13,8 +12,8 @@ from pydicom.uid import generate_uid
 
 from dicom_ai_node.report import build_sr, result_uids
 from dicom_ai_node.report.sr import FINDING, PROBABILITY
-
-from .conftest import dciodvfy_errors, tool, write
+from tests.support.helpers import write
+from tests.support.validators import dciodvfy_errors, dcmtk_sr
 
 PNEUMONIA = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
 NORMAL = hd.sr.CodedConcept("17621005", "SCT", "Normal")
@@ -40,7 +39,7 @@ def _sr(sources, prediction, card, context, seed="job-sr"):
 
 def test_finding_and_probability_are_read_back(tmp_path, ct_series, predict, card, context):
     prediction = predict(ct_series, SERIES_P)
-    path = write(_sr(ct_series, prediction, card, context), tmp_path / "sr.dcm")
+    path = write(_sr(ct_series, prediction, card, context), tmp_path)
 
     sr = hd.sr.srread(path)
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
@@ -67,7 +66,7 @@ def test_finding_and_probability_are_read_back(tmp_path, ct_series, predict, car
 
 
 def test_observer_algorithm_and_image_library(tmp_path, ct_series, predict, card, context):
-    path = write(_sr(ct_series, predict(ct_series, SERIES_P), card, context), tmp_path / "sr.dcm")
+    path = write(_sr(ct_series, predict(ct_series, SERIES_P), card, context), tmp_path)
     sr = hd.sr.srread(path)
 
     (device,) = report(sr).get_observer_contexts(observer_type=codes.DCM.Device)
@@ -128,7 +127,7 @@ def test_identity_flags_and_equipment(ct_series, predict, card, context):
 
 
 def test_single_radiograph_has_one_group(tmp_path, cr_mono1, predict, card, context):
-    path = write(_sr([cr_mono1], predict([cr_mono1], [0.3]), card, context), tmp_path / "sr.dcm")
+    path = write(_sr([cr_mono1], predict([cr_mono1], [0.3]), card, context), tmp_path)
     sr = hd.sr.srread(path)
 
     (group,) = report(sr).get_image_measurement_groups()
@@ -142,17 +141,14 @@ def test_single_radiograph_has_one_group(tmp_path, cr_mono1, predict, card, cont
 def test_dciodvfy_reports_no_errors(request, tmp_path, name, predict, card, context):
     source = request.getfixturevalue(name)
     sources = source if isinstance(source, list) else [source]
-    path = write(
-        _sr(sources, predict(sources, SERIES_P[: len(sources)]), card, context), tmp_path / "sr.dcm"
-    )
+    path = write(_sr(sources, predict(sources, SERIES_P[: len(sources)]), card, context), tmp_path)
     assert dciodvfy_errors(path) == []
 
 
 def test_dsr2html_renders_finding_and_probability(tmp_path, cr_mono1, predict, card, context):
-    path = write(_sr([cr_mono1], predict([cr_mono1], [0.87]), card, context), tmp_path / "sr.dcm")
-    run = subprocess.run([tool("dsr2html"), path], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    assert "Pneumonia" in run.stdout and "0.87" in run.stdout
+    path = write(_sr([cr_mono1], predict([cr_mono1], [0.87]), card, context), tmp_path)
+    html = dcmtk_sr("dsr2html", path)
+    assert "Pneumonia" in html and "0.87" in html
 
 
 def test_invalid_inputs_raise(ct_series, ct_small, predict, card, context):

@@ -13,7 +13,7 @@ from dicom_ai_node.config import DestinationSettings
 from dicom_ai_node.jobs.db import read_only, session_factory
 from dicom_ai_node.web.metrics import NodeMetrics
 from dicom_ai_node.web.server import HttpServer
-from tests.web.support import TOKEN, JobLog, Running
+from tests.support.joblog import TOKEN, JobLog, Running
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from dicom_ai_node.jobs.models import Delivery, Job, JobState, utcnow
 from dicom_ai_node.jobs.store import add_event
 from dicom_ai_node.web.metrics import NodeMetrics
-from tests.web.support import TOKEN
+from tests.support.joblog import TOKEN
 
 
 def test_api_and_dashboard_refuse_missing_or_wrong_tokens(serve, job_log):

@@ -18,8 +18,8 @@ from dicom_ai_node.jobs.models import Job
 from dicom_ai_node.synth import Label, Task, generate_studies
 from dicom_ai_node.web.metrics import NodeMetrics
 from dicom_ai_node.web.server import HttpServer
-from tests.helpers import wait_for
-from tests.web.support import TOKEN
+from tests.support.helpers import wait_for
+from tests.support.joblog import TOKEN
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 

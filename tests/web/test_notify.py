@@ -17,7 +17,7 @@ from dicom_ai_node.jobs.queue import transition
 from dicom_ai_node.web.models import Notification
 from dicom_ai_node.web.notify import Notifier
 from dicom_ai_node.web.settings import NotificationSettings
-from tests.helpers import free_port, wait_for
+from tests.support.helpers import free_port, wait_for
 
 
 @dataclass

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.jobs.models import Event, Job, JobState, utcnow
 from dicom_ai_node.jobs.queue import JobSpec, claim, enqueue, recover, renew, retry
-from tests.helpers import claim_from_threads
+from tests.support.helpers import claim_from_threads
 
 
 def spec(priority: int = 0, series: str = "1.2.3") -> JobSpec:

@@ -24,7 +24,7 @@ from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
 from dicom_ai_node.jobs.models import Instance, Job, Series
 from dicom_ai_node.jobs.queue import JobSpec, enqueue
 from dicom_ai_node.node import Node
-from tests.helpers import claim_from_threads, free_port, instance, wait_for
+from tests.support.helpers import claim_from_threads, free_port, instance, wait_for
 
 
 def _postgres_bin() -> Path:

@@ -8,8 +8,6 @@ outbox after a positive head CT and a positive chest radiograph went through it 
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,8 @@ from sqlalchemy import select
 from dicom_ai_node.jobs.models import Job, Result
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.helpers import run_tool, wait_for
-from tests.report.conftest import PIXELMED_ENV, dciodvfy_errors, tool
+from tests.support.helpers import run_tool, wait_for
+from tests.support.validators import dciodvfy_errors, dcmtk_sr, sr_validator
 
 MEANINGS = {"head-ct-hemorrhage-demo": "Intracranial hemorrhage", "cxr-opacity-demo": "opacity"}
 
@@ -63,37 +61,17 @@ def test_node_output_passes_the_validators(
     by_job = {job.id: job for job in jobs}
     assert all(by_job[r.job_id].positive for r in results)
 
-    # pixelmed's JVM takes ~10 s to start: run it on the SRs and the KOS in parallel
-    validator = tool("DicomSRValidator")
+    for result in results:
+        assert dciodvfy_errors(result.path) == [], result.kind
+    for result in results:
+        if result.kind != "sr":
+            continue
+        job = by_job[result.job_id]
+        html = dcmtk_sr("dsr2html", result.path)
+        probability = series_probability(dcmread(result.path))
+        assert abs(float(probability) - float(job.probability or 0)) < 1e-3
+        assert MEANINGS[str(job.model)] in html
+        assert probability in html
     documents = [r for r in results if r.kind in ("sr", "kos")]
-    runs = [
-        subprocess.Popen(
-            [validator, r.path],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, **PIXELMED_ENV},
-        )
-        for r in documents
-    ]
-    try:
-        for result in results:
-            assert dciodvfy_errors(result.path) == [], result.kind
-        for result in results:
-            if result.kind != "sr":
-                continue
-            job = by_job[result.job_id]
-            html = run_tool(tool("dsr2html"), result.path).stdout
-            probability = series_probability(dcmread(result.path))
-            assert abs(float(probability) - float(job.probability or 0)) < 1e-3
-            assert MEANINGS[str(job.model)] in html
-            assert probability in html
-        outputs = [run.communicate(timeout=120)[0] for run in runs]
-    finally:
-        for run in runs:
-            run.kill()
-            run.wait()
-    for result, output in zip(documents, outputs, strict=True):
-        assert "IOD validation complete" in output, output
-        errors = [line for line in output.splitlines() if line.startswith("Error")]
-        assert errors == [], f"{result.kind}: {errors}"
+    for result, findings in zip(documents, sr_validator([r.path for r in documents]), strict=True):
+        assert findings.errors == [], f"{result.kind}: {findings.errors}"

@@ -15,8 +15,8 @@ from sqlalchemy import select
 from dicom_ai_node.jobs.models import Event, Instance, Job
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.helpers import run_tool, wait_for
-from tests.malformed import base_ct
+from tests.support.helpers import run_tool, wait_for
+from tests.support.malformed import base_ct
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 FINAL = ("done", "failed", "skipped")

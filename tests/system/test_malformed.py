@@ -1,7 +1,7 @@
 """Malformed instances over the wire to a running node, between good studies.
 
-Every case of :mod:`tests.malformed` is sent to a node running the shipped routes and the demo
-models, interleaved with good synthetic studies. The node must answer each with a proper
+Every case of :mod:`tests.support.malformed` is sent to a node running the shipped routes and
+the demo models, interleaved with good synthetic studies. The node must answer each with a proper
 C-STORE status (PS3.4 B.2.3; a failure carries an Error Comment and an ``instance_refused``
 event), finish the job of every stored one (``failed`` with a clear error, or ``done`` with
 the skipped images recorded), stay healthy, and still label the good studies correctly.
@@ -23,8 +23,8 @@ from sqlalchemy import select
 from dicom_ai_node.jobs.models import Event, Instance, Job
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.helpers import run_tool, wait_for
-from tests.malformed import Case, corpus
+from tests.support.helpers import run_tool, wait_for
+from tests.support.malformed import Case, corpus
 
 FINAL = ("done", "failed", "skipped", "failed_to_deliver")
 

@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 
 from dicom_ai_node.jobs.models import Association, Instance, Series
 from dicom_ai_node.node import Node
-from tests.helpers import instance, run_tool, wait_for, write
+from tests.support.helpers import instance, run_tool, wait_for, write
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 from dicom_ai_node.jobs.models import Delivery, Instance, Job, Result
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.helpers import free_port, instance, received_uids, run_tool, storescp, wait_for
-from tests.test_process import Served
+from tests.support.helpers import free_port, instance, received_uids, run_tool, storescp, wait_for
+from tests.support.served import Served
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

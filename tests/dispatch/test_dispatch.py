@@ -26,10 +26,7 @@ from sqlalchemy import select
 from dicom_ai_node.jobs.models import Delivery, Event, Job, Result
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.helpers import free_port, received_uids, run_tool, storescp, wait_for
-
-ROOT = Path(__file__).parent.parent
-
+from tests.support.helpers import ROOT, free_port, received_uids, run_tool, storescp, wait_for
 
 # --- peers ---------------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from sqlalchemy import func, select
 from dicom_ai_node.jobs.models import Delivery, Event, Job, Result
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.helpers import free_port, wait_for
-from tests.orthanc import Orthanc
+from tests.support.helpers import free_port, wait_for
+from tests.support.orthanc import Orthanc
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture

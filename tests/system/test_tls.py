@@ -20,13 +20,18 @@ from dicom_ai_node.config import ConfigError, DestinationSettings
 from dicom_ai_node.dispatch.deliveries import peer
 from dicom_ai_node.dispatch.scu import send_files
 from dicom_ai_node.node import Node
-from tests.certs import Certificates, KeyPair, make_certificates, tls_destination
-from tests.helpers import (
+from tests.support.certs import (
+    Certificates,
+    make_certificates,
+    tls_destination,
+    tls_storescp,
+    with_cert,
+)
+from tests.support.helpers import (
     free_port,
     instance,
     make_settings,
     run_tool,
-    storescp,
     write,
 )
 
@@ -61,11 +66,6 @@ def echoscu(node: Node, *tls: str) -> subprocess.CompletedProcess[str]:
     return run_tool(
         "echoscu", *tls, "-aec", "AINODE", "127.0.0.1", str(node.scp.port), check=False, timeout=20
     )
-
-
-def with_cert(pair: KeyPair, ca: Path) -> list[str]:
-    """DCMTK's options for a TLS connection with ``pair`` as our certificate."""
-    return ["+tls", str(pair.private_key), str(pair.certificate), "+cf", str(ca)]
 
 
 def tls_client(certs: Certificates) -> ssl.SSLContext:
@@ -165,11 +165,6 @@ def test_missing_certificate_file_is_a_configuration_error(
     )
     with pytest.raises(ConfigError, match=r"dicom\.tls\.certificate"):
         Node(settings, models={})
-
-
-def tls_storescp(port: int, out: Path, certs: Certificates) -> Any:
-    """DCMTK ``storescp`` over TLS that requires a client certificate from our CA."""
-    return storescp(port, out, options=[*with_cert(certs.server, certs.ca), "--require-peer-cert"])
 
 
 def test_dispatch_over_tls_to_dcmtk_storescp(certs: Certificates, tmp_path: Path) -> None:

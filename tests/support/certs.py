@@ -5,11 +5,12 @@ unencrypted P-256 keys (DCMTK and Python both read them)."""
 from __future__ import annotations
 
 import subprocess
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import require
+from tests.support.helpers import require, storescp
 
 
 @dataclass(frozen=True)
@@ -88,3 +89,13 @@ def tls_destination(port: int, certs: Certificates) -> dict[str, Any]:
         "certificate": certs.client.certificate,
         "private_key": certs.client.private_key,
     }
+
+
+def with_cert(pair: KeyPair, ca: Path) -> list[str]:
+    """DCMTK's options for a TLS connection with ``pair`` as our certificate."""
+    return ["+tls", str(pair.private_key), str(pair.certificate), "+cf", str(ca)]
+
+
+def tls_storescp(port: int, out: Path, certs: Certificates) -> AbstractContextManager[Path]:
+    """DCMTK ``storescp`` over TLS that requires a client certificate from our CA."""
+    return storescp(port, out, options=[*with_cert(certs.server, certs.ca), "--require-peer-cert"])

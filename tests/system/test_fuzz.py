@@ -25,7 +25,7 @@ from dicom_ai_node.infer.preprocess import to_model_input
 from dicom_ai_node.receive.header import InstanceHeader, UnreadableInstanceError, read_header
 from dicom_ai_node.route import mismatch, plan_series
 from dicom_ai_node.spool import InvalidUIDError, check_uid
-from tests.malformed import base_ct, encode, part10
+from tests.support.malformed import base_ct, encode, part10
 
 # Modest by default so the suite stays fast; FUZZ_EXAMPLES=3000 for a longer run. No example
 # database: failures are reported with their input, and the tree stays clean.

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from dicom_ai_node.jobs.models import Event, Instance, Job, Result, Series
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.helpers import run_tool, wait_for
+from tests.support.helpers import run_tool, wait_for
 
 
 def test_retention_prunes_processed_series_only(

@@ -16,7 +16,7 @@ from dicom_ai_node.config import RouteSettings
 from dicom_ai_node.jobs.models import Job, Series
 from dicom_ai_node.node import Node
 from dicom_ai_node.route import mismatch, plan_series
-from tests.helpers import instance, wait_for
+from tests.support.helpers import instance, wait_for
 
 ROUTES: list[dict[str, Any]] = [
     {

@@ -24,9 +24,8 @@ from dicom_ai_node.config import ConfigError, load_settings
 from dicom_ai_node.jobs.models import Job
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.certs import make_certificates, tls_destination
-from tests.helpers import free_port, run_tool, wait_for
-from tests.test_tls import tls_storescp
+from tests.support.certs import make_certificates, tls_destination, tls_storescp
+from tests.support.helpers import free_port, run_tool, wait_for
 
 SECRETS = ("Secret^Person", "Secret", "PID-SECRET-42", "19450317")
 

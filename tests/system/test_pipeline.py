@@ -13,7 +13,7 @@ from sqlalchemy import select
 from dicom_ai_node.jobs.models import Job, Prediction, Result
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.helpers import run_tool, wait_for
+from tests.support.helpers import run_tool, wait_for
 
 
 def finished_jobs(node: Node, count: int) -> list[Job]:

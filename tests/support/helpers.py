@@ -24,6 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_ai_node.config import Settings
 from dicom_ai_node.jobs.queue import claim
 
+# the checkout: where `serve` runs and config/node.toml lives
+ROOT = Path(__file__).resolve().parents[2]
+
 # DCMTK tools stall ~40 ms per message on loopback without it (delayed ACKs).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
