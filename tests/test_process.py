@@ -18,6 +18,8 @@ from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support.helpers import run_tool, wait_for
 from tests.support.served import Served
 
+pytestmark = [pytest.mark.peers, pytest.mark.slow]
+
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:

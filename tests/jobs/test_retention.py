@@ -6,12 +6,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
 from dicom_ai_node.jobs.models import Event, Instance, Job, Result, Series
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support.helpers import run_tool, wait_for
+
+pytestmark = pytest.mark.peers
 
 
 def test_retention_prunes_processed_series_only(

@@ -25,6 +25,8 @@ from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support.helpers import free_port, instance, received_uids, run_tool, storescp, wait_for
 from tests.support.served import Served
 
+pytestmark = [pytest.mark.peers, pytest.mark.slow]
+
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
