@@ -20,6 +20,7 @@ from sqlalchemy import select
 from dicom_ai_node import cli_ml
 from dicom_ai_node.config import ConfigError, Settings, load_settings
 from dicom_ai_node.demo import demo
+from dicom_ai_node.jobs.db import SchemaTooNewError
 
 app = typer.Typer(
     help="A DICOM node that runs a CNN classifier on received studies.",
@@ -120,7 +121,7 @@ def serve(config: ConfigOption = None) -> None:
         node.stop()  # what had started already
         err.print(f"[red]configuration error:[/red] {exc}")
         raise typer.Exit(2) from None
-    except OSError as exc:
+    except (OSError, SchemaTooNewError) as exc:
         node.stop()
         err.print(f"[red]cannot start:[/red] {exc}")
         raise typer.Exit(1) from None

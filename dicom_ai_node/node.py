@@ -22,20 +22,24 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from dicom_ai_node import __version__
-from dicom_ai_node.assemble import complete_series, complete_studies
+from dicom_ai_node.assemble.loop import Assembler
 from dicom_ai_node.config import ConfigError, Settings
 from dicom_ai_node.dispatch.deliveries import Dispatcher, plan_deliveries, release_leases
 from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, upgrade
-from dicom_ai_node.jobs.loop import PollingLoop
 from dicom_ai_node.jobs.models import Instance, Job, JobState, Prediction, Result, utcnow
-from dicom_ai_node.jobs.queue import enqueue, record_skipped, recover, transition, worker_id
+from dicom_ai_node.jobs.nodes import (
+    Heartbeat,
+    close_associations,
+    dead_nodes,
+    heartbeat,
+    live_peers,
+)
+from dicom_ai_node.jobs.queue import recover, transition, worker_id
 from dicom_ai_node.jobs.store import add_event, upsert
 from dicom_ai_node.jobs.worker import LeaseLostError, PermanentJobError, Worker
-from dicom_ai_node.receive.record import close_stale_associations, reindex
+from dicom_ai_node.receive.record import reindex
 from dicom_ai_node.receive.scp import StorageSCP
-from dicom_ai_node.route import plan_series, plan_study
 from dicom_ai_node.spool import Spool
-from dicom_ai_node.spool.retention import prune
 from dicom_ai_node.web.metrics import NodeMetrics
 from dicom_ai_node.web.notify import Notifier
 from dicom_ai_node.web.server import HttpServer
@@ -45,8 +49,6 @@ if TYPE_CHECKING:
     from dicom_ai_node.infer.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
-
-PRUNE_INTERVAL_SECONDS = 600.0
 
 
 def result_kind(sop_class_uid: str) -> str:
@@ -81,25 +83,6 @@ def usable(ds: Dataset) -> Dataset:
     return ds
 
 
-class _Assembler(PollingLoop):
-    """Every poll: complete series and studies and queue their jobs; now and then, prune."""
-
-    thread_name = "assemble"
-
-    def __init__(self, node: Node) -> None:
-        super().__init__(node.settings.assemble.poll_seconds)
-        self.node = node
-        self._next_prune = 0.0
-
-    def run_once(self) -> bool:
-        if self.node.assemble_once():
-            self.node.worker.wake()
-        if self.node.settings.storage.retention_days and time.monotonic() >= self._next_prune:
-            self._next_prune = time.monotonic() + PRUNE_INTERVAL_SECONDS
-            self.node.prune_once()
-        return False  # the next pass is due at the next poll, whatever this one found
-
-
 class Node:
     """A running node. ``start()`` returns once it listens; ``stop()`` shuts it down cleanly.
 
@@ -114,7 +97,7 @@ class Node:
         self.sessions = session_factory(self.engine)
         self.read_sessions = session_factory(read_only(self.engine))
         self.metrics = NodeMetrics(self.read_sessions)
-        self.spool = Spool(settings.storage.data_dir)
+        self.spool = Spool(settings.storage.data_dir, settings.node_name)
         self.models = models if models is not None else self._load_models()
         extra = tuple(
             sorted({key for route in settings.routes for key in route.where} - {"CallingAETitle"})
@@ -142,6 +125,7 @@ class Node:
             settings.dispatch,
             settings.dicom.ae_title,
             self.owner,
+            self.spool,
             on_outcome=lambda name, outcome: self.metrics.dispatch_attempt(name, outcome.ok),
             on_delivered=lambda seconds: self.metrics.end_to_end_seconds(seconds, "delivered"),
         )
@@ -155,6 +139,7 @@ class Node:
             token=settings.http.token,
             destinations=settings.destinations,
             node_name=settings.node_name,
+            data_dir=settings.storage.data_dir,
         )
         self.notifier = Notifier(
             self.sessions,
@@ -164,7 +149,18 @@ class Node:
             dashboard_url=settings.http.public_url,
             metrics=self.metrics,
         )
-        self.assembler = _Assembler(self)
+        self.assembler = Assembler(
+            self.sessions,
+            settings.routes,
+            settings.assemble,
+            self.spool,
+            retention_days=settings.storage.retention_days,
+            on_queued=self.worker.wake,
+        )
+        self._reindex_before: float | None = None
+        self.heartbeat = Heartbeat(
+            self.sessions, settings.node_name, __version__, settings.cluster, self._reindex_late
+        )
 
     def _load_models(self) -> dict[str, LoadedModel]:
         """Load the models the routes name (each once), refusing unknown or broken ones."""
@@ -195,14 +191,28 @@ class Node:
     # --- start and stop --------------------------------------------------------------------
 
     def start(self) -> None:
-        """Migrate the job log, recover from a previous run, start every stage."""
+        """Migrate the job log, recover from a previous run, start every stage.
+
+        Recovery touches what this node left and what dead nodes left (their associations,
+        their partial files), never what a live node of the cluster is working on: with live
+        peers, spool files written in the last ``node_timeout_seconds`` are re-indexed only
+        once that time has passed (:meth:`_reindex_late`), by when their rows are committed.
+        """
+        name = self.settings.node_name
+        timeout = self.settings.cluster.node_timeout_seconds
         upgrade(self.engine)
         with self.sessions.begin() as session:
-            lost = close_stale_associations(session, self.settings.node_name)
-            requeued = recover(session, self.settings.node_name, self.settings.worker.max_attempts)
-            release_leases(session, self.settings.node_name)
-        cleaned = self.spool.clean_temporary()
-        reindexed = reindex(self.sessions, self.spool)
+            heartbeat(session, name, __version__, started=True)
+        with self.sessions.begin() as session:
+            dead = dead_nodes(session, timeout)
+            peers = live_peers(session, name, timeout)
+            lost = close_associations(session, [name, *dead])
+            requeued = recover(session, name, self.settings.worker.max_attempts)
+            release_leases(session, name)
+        cleaned = self.spool.clean_temporary(dead)
+        now = time.time()
+        self._reindex_before = now if peers else None
+        reindexed = reindex(self.sessions, self.spool, now - timeout if peers else None)
         if lost or requeued or cleaned or reindexed:
             log.warning(
                 "recovered from an unclean stop: %d associations closed, jobs %s requeued, "
@@ -213,11 +223,20 @@ class Node:
                 reindexed,
             )
         self.scp.start()
+        self.heartbeat.start()
         self.assembler.start()
         self.worker.start()
         self.dispatcher.start()
         self.http.start()
         self.notifier.start()
+
+    def _reindex_late(self) -> None:
+        """The re-index deferred at start: files written before the start, whatever their age."""
+        if self._reindex_before is None:
+            return
+        added = reindex(self.sessions, self.spool, self._reindex_before)
+        if added:
+            log.warning("recovered from an unclean stop: %d spool files re-indexed", added)
 
     def health(self) -> list[str]:
         """What is wrong with the node (nothing = healthy), for ``/healthz``."""
@@ -242,70 +261,11 @@ class Node:
         self.http.stop()
         self.scp.stop()
         self.assembler.stop()
+        self.heartbeat.stop()
         self.worker.stop()
         self.dispatcher.stop()
         self.notifier.stop()
         self.engine.dispose()
-
-    # --- assemble and route ----------------------------------------------------------------
-
-    def prune_once(self) -> int:
-        """Apply ``[storage] retention_days``; returns how many series were pruned."""
-        with self.sessions.begin() as session:
-            pruned = prune(session, self.spool, utcnow(), self.settings.storage.retention_days)
-        if pruned:
-            log.info("retention: deleted the received files of %d processed series", pruned)
-        return pruned
-
-    def assemble_once(self) -> int:
-        """Complete what is complete and queue its jobs; returns how many jobs were queued."""
-        rules = self.settings.routes
-        stable = self.settings.assemble.stable_seconds
-        queued = 0
-        with self.sessions.begin() as session:
-            now = utcnow()
-            for series in complete_series(session, now, stable):
-                specs, reason = plan_series(rules, series)
-                add_event(
-                    session,
-                    "series_complete",
-                    f"series complete: {series.instance_count} instances, {series.modality}",
-                    study=series.study_instance_uid,
-                    series=series.series_instance_uid,
-                    generation=series.generation,
-                )
-                if reason:
-                    job = record_skipped(
-                        session,
-                        series.study_instance_uid,
-                        series.series_instance_uid,
-                        series.generation,
-                        series.modality,
-                        reason,
-                    )
-                    log.info(
-                        "job %d skipped: series %s: %s",
-                        job.id,
-                        series.series_instance_uid,
-                        reason,
-                        extra={"job_id": job.id},
-                    )
-                for job in enqueue(session, specs):
-                    log.info(
-                        "job %d queued: route %s, model %s",
-                        job.id,
-                        job.route,
-                        job.model,
-                        extra={"job_id": job.id},
-                    )
-                    queued += 1
-            for study in complete_studies(session, now, stable):
-                for job in enqueue(session, plan_study(rules, study)):
-                    log.info(
-                        "job %d queued: study route %s", job.id, job.route, extra={"job_id": job.id}
-                    )
-                    queued += 1
-        return queued
 
     # --- the job -----------------------------------------------------------------------------
 
@@ -339,7 +299,7 @@ class Node:
         model = self.models.get(job.model or "")
         if model is None:
             raise RuntimeError(f"model {job.model!r} is not loaded")
-        paths = [Path(instance.path) for instance in instances]
+        paths = [self.spool.locate(instance.path) for instance in instances]
         started = time.monotonic()
         try:
             prediction = model.predict_series(
@@ -352,7 +312,7 @@ class Node:
         datasets = self._report(
             job,
             model,
-            [Path(i.path) for i in instances if i.sop_instance_uid in used],
+            [self.spool.locate(i.path) for i in instances if i.sop_instance_uid in used],
             prediction,
         )
         with self.sessions.begin() as session:
@@ -465,7 +425,7 @@ class Node:
                 "kind": kind,
                 "sop_class_uid": str(ds.SOPClassUID),
                 "series_instance_uid": str(ds.SeriesInstanceUID),
-                "path": str(path),
+                "path": self.spool.stored(path),
             }
             session.execute(
                 upsert(session, Result)

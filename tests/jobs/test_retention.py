@@ -48,7 +48,7 @@ def test_retention_prunes_processed_series_only(
 
     wait_for(queued, timeout=30)
     time.sleep(1.0)
-    assert node.prune_once() == 1
+    assert node.assembler.prune_once() == 1
     incoming = node.spool.incoming
     assert not (incoming / job.study_instance_uid).exists()
     assert (incoming / queued_study.name).is_dir()  # its job has not run yet
@@ -58,7 +58,7 @@ def test_retention_prunes_processed_series_only(
         results = session.scalars(select(Result).where(Result.job_id == job.id)).all()
         kept = session.scalar(select(func.count()).select_from(Instance))
         events = [e.kind for e in session.scalars(select(Event))]
-    assert results and all(Path(r.path).is_file() for r in results)
+    assert results and all(node.spool.locate(r.path).is_file() for r in results)
     assert kept == 2  # the job log keeps every instance row
     assert "series_pruned" in events
-    assert node.prune_once() == 0  # nothing twice
+    assert node.assembler.prune_once() == 0  # nothing twice
