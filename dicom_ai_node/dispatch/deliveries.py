@@ -80,8 +80,9 @@ def plan_deliveries(session: Session, job: Job, results: list[Result]) -> int:
                     next_attempt_at=utcnow(),
                 )
                 .on_conflict_do_nothing(index_elements=["result_uid", "destination"])
-            )
-            count += int(inserted.rowcount)  # type: ignore[attr-defined]
+                .returning(Delivery.id)
+            ).scalar_one_or_none()
+            count += inserted is not None
     return count
 
 
