@@ -1,32 +1,25 @@
 """The node: wires the stages together around the job log and owns start and stop.
 
 Threads of one process: the DICOM listener (pynetdicom, one thread per association), the
-assembler (completes series and studies, routes them to jobs), the worker (runs a job:
-inference, then the result objects, written to the outbox) and one dispatcher per
-destination. Each reads and writes the job log, so a restart resumes where it stopped.
+assembler (completes series and studies, routes them to jobs), the worker (claims jobs and
+hands each to the job runner: inference, then the result objects, written to the outbox),
+one dispatcher per destination, the notifier, the heartbeat and the web server. Each reads
+and writes the job log, so a restart resumes where it stopped. See docs/architecture.md.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import time
-from io import BytesIO
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
 
-from pydicom import Dataset, dcmread
-from pydicom.charset import python_encoding
-from pydicom.uid import KeyObjectSelectionDocumentStorage, generate_uid
-from sqlalchemy import select, text
-from sqlalchemy.orm import Session
+from sqlalchemy import text
 
 from dicom_ai_node import __version__
 from dicom_ai_node.assemble.loop import Assembler
 from dicom_ai_node.config import ConfigError, Settings
-from dicom_ai_node.dispatch.deliveries import Dispatcher, plan_deliveries, release_leases
+from dicom_ai_node.dispatch.deliveries import Dispatcher, release_leases
 from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, upgrade
-from dicom_ai_node.jobs.models import Instance, Job, JobState, Prediction, Result, utcnow
 from dicom_ai_node.jobs.nodes import (
     Heartbeat,
     close_associations,
@@ -34,53 +27,20 @@ from dicom_ai_node.jobs.nodes import (
     heartbeat,
     live_peers,
 )
-from dicom_ai_node.jobs.queue import recover, transition, worker_id
-from dicom_ai_node.jobs.store import add_event, upsert
-from dicom_ai_node.jobs.worker import LeaseLostError, PermanentJobError, Worker
+from dicom_ai_node.jobs.queue import recover, worker_id
+from dicom_ai_node.jobs.worker import Worker
 from dicom_ai_node.receive.record import reindex
 from dicom_ai_node.receive.scp import StorageSCP
+from dicom_ai_node.runner import JobRunner
 from dicom_ai_node.spool import Spool
 from dicom_ai_node.web.metrics import NodeMetrics
 from dicom_ai_node.web.notify import Notifier
 from dicom_ai_node.web.server import HttpServer
 
 if TYPE_CHECKING:
-    from dicom_ai_node.infer.prediction import SeriesPrediction
     from dicom_ai_node.infer.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-def result_kind(sop_class_uid: str) -> str:
-    """``sr``, ``kos`` or ``sc``: which output a result object is (by its SOP Class, PS3.4 B.5)."""
-    if sop_class_uid == KeyObjectSelectionDocumentStorage:
-        return "kos"
-    return "sr" if sop_class_uid.startswith("1.2.840.10008.5.1.4.1.1.88.") else "sc"
-
-
-def usable(ds: Dataset) -> Dataset:
-    """``ds`` made safe to copy into result objects: elements that cannot be decoded (a VR
-    PS3.5 6.2 does not define, a length that does not fit the VR) are dropped, and a Specific
-    Character Set with a term PS3.3 C.12.1.1.2 does not define becomes ISO_IR 192, after
-    every text value was decoded (pydicom falls back to its default for such terms).
-
-    Only source headers copied into the results are touched; the received files are not.
-    """
-    for tag in list(ds.keys()):
-        try:
-            element = ds[tag]
-        except Exception:  # pydicom raises NotImplementedError, BytesLengthException...
-            del ds[tag]
-            continue
-        if element.VR == "SQ":
-            for item in element.value:
-                usable(item)
-    terms = ds.get("SpecificCharacterSet")
-    if terms is not None:
-        values = [terms] if isinstance(terms, str) else list(terms)
-        if any(term and term not in python_encoding for term in values):
-            ds.SpecificCharacterSet = "ISO_IR 192"
-    return ds
 
 
 class Node:
@@ -111,9 +71,19 @@ class Node:
             extra_keywords=extra,
             metrics=self.metrics,
         )
+        self.runner = JobRunner(
+            settings,
+            self.sessions,
+            self.read_sessions,
+            self.spool,
+            self.models,
+            self.owner,
+            self.metrics,
+            on_results=self._results_written,
+        )
         self.worker = Worker(
             self.sessions,
-            self.process_job,
+            self.runner.process_job,
             self.owner,
             lease_seconds=settings.worker.lease_seconds,
             max_attempts=settings.worker.max_attempts,
@@ -238,6 +208,11 @@ class Node:
         if added:
             log.warning("recovered from an unclean stop: %d spool files re-indexed", added)
 
+    def _results_written(self, deliveries: int) -> None:
+        self.notifier.wake()
+        if deliveries:
+            self.dispatcher.wake()
+
     def health(self) -> list[str]:
         """What is wrong with the node (nothing = healthy), for ``/healthz``."""
         problems = [] if self.scp.listening else ["the DICOM listener is not listening"]
@@ -266,173 +241,3 @@ class Node:
         self.dispatcher.stop()
         self.notifier.stop()
         self.engine.dispose()
-
-    # --- the job -----------------------------------------------------------------------------
-
-    def _instances(self, session: Session, job: Job) -> list[Instance]:
-        query = select(Instance).where(Instance.study_instance_uid == job.study_instance_uid)
-        if job.series_instance_uid is not None:
-            query = query.where(Instance.series_instance_uid == job.series_instance_uid)
-        rows = session.scalars(query).all()
-        return sorted(rows, key=lambda i: (i.series_instance_uid, i.instance_number or 0))
-
-    def process_job(self, job: Job) -> None:
-        """Run a claimed job: infer, record predictions, write results, plan deliveries.
-
-        Fails the job at once (:class:`PermanentJobError`) when it has more instances than
-        ``[assemble] max_instances_per_series``, when no image of it can be decoded, or when
-        inference runs past ``[worker] job_timeout_seconds``: trying again would fail alike.
-        Images that cannot be decoded are skipped and recorded in an ``images_skipped`` event.
-        """
-        from dicom_ai_node.infer.runtime import InferenceTimeoutError, NoUsableImagesError
-
-        with self.read_sessions() as session:
-            instances = self._instances(session, job)
-        if not instances:
-            raise RuntimeError("the job's instances are no longer in the spool")
-        limit = self.settings.assemble.max_instances_per_series
-        if len(instances) > limit:
-            raise PermanentJobError(
-                f"{job.level} too large: {len(instances)} instances, more than "
-                f"[assemble] max_instances_per_series = {limit}"
-            )
-        model = self.models.get(job.model or "")
-        if model is None:
-            raise RuntimeError(f"model {job.model!r} is not loaded")
-        paths = [self.spool.locate(instance.path) for instance in instances]
-        started = time.monotonic()
-        try:
-            prediction = model.predict_series(
-                paths, timeout=self.settings.worker.job_timeout_seconds
-            )
-        except (NoUsableImagesError, InferenceTimeoutError) as exc:
-            raise PermanentJobError(str(exc)) from exc
-        self.metrics.inference_seconds(model.card.name, time.monotonic() - started)
-        used = {image.sop_instance_uid for image in prediction.images}
-        datasets = self._report(
-            job,
-            model,
-            [self.spool.locate(i.path) for i in instances if i.sop_instance_uid in used],
-            prediction,
-        )
-        with self.sessions.begin() as session:
-            self._record_prediction(session, job, prediction)
-            if prediction.skipped:
-                add_event(
-                    session,
-                    "images_skipped",
-                    f"job {job.id}: {len(prediction.skipped)} images or frames skipped: "
-                    + "; ".join(f"{uid}: {why}" for uid, why in prediction.skipped[:3]),
-                    job_id=job.id,
-                    study=job.study_instance_uid,
-                    series=job.series_instance_uid,
-                    skipped=[list(item) for item in prediction.skipped[:100]],
-                )
-            results = self._write_results(session, job, datasets)
-            deliveries = plan_deliveries(session, job, results)
-            state = JobState.DELIVERING if deliveries else JobState.DONE
-            moved = transition(
-                session,
-                job.id,
-                state,
-                f"job {job.id}: {prediction.label} ({prediction.probability:.3f}); "
-                f"{len(results)} result objects, {deliveries} deliveries",
-                owner=self.owner,
-                label=prediction.label,
-                probability=prediction.probability,
-                positive=prediction.positive,
-                model_version=prediction.model_version,
-                error=None,
-            )
-            if not moved:  # roll back: the worker that holds the lease records the job
-                raise LeaseLostError(f"job {job.id}: the lease went to another worker")
-        log.info(
-            "job %d %s: %s %.3f (%s %s, %d images), %d results, %d deliveries",
-            job.id,
-            state.value,
-            prediction.label,
-            prediction.probability,
-            prediction.model,
-            prediction.model_version,
-            len(prediction.images),
-            len(results),
-            deliveries,
-            extra={"job_id": job.id},
-        )
-        last_received = max(instance.received_at for instance in instances)
-        self.metrics.end_to_end_seconds((utcnow() - last_received).total_seconds(), "written")
-        self.notifier.wake()
-        if deliveries:
-            self.dispatcher.wake()
-
-    def _report(
-        self, job: Job, model: LoadedModel, paths: list[Path], prediction: SeriesPrediction
-    ) -> list[Any]:
-        from dicom_ai_node.report import Output, ReportContext, build_results, result_uids
-
-        if not job.outputs:
-            return []
-        # Only the images the prediction used: the skipped ones may not even parse.
-        sources = [usable(dcmread(path, stop_before_pixels=True)) for path in paths]
-        key_uid = prediction.key_image.sop_instance_uid
-        key_path = next(
-            p for p, s in zip(paths, sources, strict=True) if s.SOPInstanceUID == key_uid
-        )
-        context = ReportContext(
-            station_ae_title=self.settings.dicom.ae_title,
-            device_uid=generate_uid(entropy_srcs=["device", self.settings.node_name]),
-            software_version=__version__,
-            created=datetime.datetime.now(datetime.UTC),
-        )
-        return list(
-            build_results(
-                sources,
-                usable(dcmread(key_path)),
-                prediction,
-                model.card,
-                [cast(Output, output) for output in job.outputs],
-                result_uids(f"job:{job.id}:{job.study_instance_uid}:{job.generation}"),
-                context,
-            )
-        )
-
-    def _record_prediction(self, session: Session, job: Job, prediction: SeriesPrediction) -> None:
-        session.query(Prediction).filter(Prediction.job_id == job.id).delete()
-        for image in prediction.images:
-            session.add(
-                Prediction(
-                    job_id=job.id,
-                    sop_instance_uid=image.sop_instance_uid,
-                    frame_number=image.frame_number,
-                    label=image.label,
-                    probability=image.probabilities[prediction.positive_label],
-                    probabilities=image.probabilities,
-                )
-            )
-
-    def _write_results(self, session: Session, job: Job, datasets: list[Any]) -> list[Result]:
-        results = []
-        for ds in datasets:
-            path = self.spool.result_path(
-                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
-            )
-            buffer = BytesIO()
-            ds.save_as(buffer, enforce_file_format=True)
-            self.spool.write(path, buffer.getvalue())
-            kind = result_kind(str(ds.SOPClassUID))
-            values = {
-                "job_id": job.id,
-                "kind": kind,
-                "sop_class_uid": str(ds.SOPClassUID),
-                "series_instance_uid": str(ds.SeriesInstanceUID),
-                "path": self.spool.stored(path),
-            }
-            session.execute(
-                upsert(session, Result)
-                .values(sop_instance_uid=str(ds.SOPInstanceUID), **values)
-                .on_conflict_do_update(index_elements=["sop_instance_uid"], set_=values)
-            )
-            result = session.get(Result, str(ds.SOPInstanceUID))
-            assert result is not None
-            results.append(result)
-        return results
