@@ -71,6 +71,27 @@ def _networks(values: list[str]) -> list[str]:
     return values
 
 
+class ConnectionLimits(_Section):
+    """What one peer may hold of the DICOM listener before and after it associates (see
+    ``docs/security.md``): pending connections have not yet sent their A-ASSOCIATE-RQ."""
+
+    pre_association_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds a new connection has for its TLS handshake and A-ASSOCIATE-RQ",
+    )
+    max_pending_per_address: int = Field(default=4, ge=1)
+    max_pending: int = Field(default=32, ge=1)
+    max_associations_per_address: int = Field(default=5, ge=1)
+    max_associations_per_ae: int = Field(default=5, ge=1)
+    min_bytes_per_second: float = Field(
+        default=1024,
+        ge=0,
+        description="A peer slower than this mid-PDU is cut off after the grace; 0 = no floor",
+    )
+    slow_sender_grace_seconds: float = Field(default=10.0, gt=0)
+
+
 class DicomSettings(_Section):
     """The DICOM listener (the SCP that a PACS sends to)."""
 
@@ -86,6 +107,7 @@ class DicomSettings(_Section):
         '"*" applies to the AE titles not listed; absent = any address',
     )
     tls: TlsSettings = TlsSettings()
+    limits: ConnectionLimits = ConnectionLimits()
     maximum_associations: int = Field(default=10, ge=1)
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=30.0, gt=0)

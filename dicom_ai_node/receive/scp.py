@@ -37,10 +37,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_ai_node.config import DicomSettings
 from dicom_ai_node.jobs.store import add_event
 from dicom_ai_node.receive.access import AddressPolicy
+from dicom_ai_node.receive.guard import ConnectionGuard, GuardedAE
 from dicom_ai_node.receive.header import UnreadableInstanceError, read_header
 from dicom_ai_node.receive.record import close_association, open_association, record_instance
 from dicom_ai_node.spool import InvalidUIDError, Spool
-from dicom_ai_node.tls import TlsAE, server_context
+from dicom_ai_node.tls import server_context
 from dicom_ai_node.web.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
@@ -122,13 +123,19 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._server: Any = None
         self._addresses = AddressPolicy(settings.allowed_addresses)
+        self.guard = ConnectionGuard(
+            settings.limits,
+            self._addresses,
+            metrics.connection_refused if metrics is not None else None,
+            self._record_connection_refused,
+        )
         self._ssl_context = server_context(settings.tls) if settings.tls.enabled else None
         self.ae = self._make_ae()
         self._sop_classes = {str(cx.abstract_syntax) for cx in self.ae.supported_contexts}
 
     def _make_ae(self) -> AE:
         s = self.settings
-        ae = TlsAE(ae_title=s.ae_title)
+        ae = GuardedAE(self.guard, s.ae_title)
         ae.maximum_associations = s.maximum_associations
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout
@@ -239,6 +246,11 @@ class StorageSCP:
         """
         if self._refused_address(event.assoc):
             return
+        if self.guard.admit(event.assoc) is not None:
+            # PS3.8 9.3.4: rejected-transient, UL service-provider (presentation), local limit
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)
+            event.assoc.kill()
+            return
         event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
         primitive = event.assoc.requestor.primitive
         assert primitive is not None
@@ -281,6 +293,7 @@ class StorageSCP:
             log.exception("association %s: cannot record it in the job log", info.id)
 
     def _on_ended(self, event: evt.Event, outcome: str) -> None:
+        self.guard.ended(event.assoc)
         with self._lock:
             info = self._associations.pop(id(event.assoc), None)
         if info is None:
@@ -305,6 +318,7 @@ class StorageSCP:
         )
 
     def _on_rejected(self, event: evt.Event) -> None:
+        self.guard.ended(event.assoc)
         if self.metrics is not None:
             self.metrics.association_rejected()
         requestor = event.assoc.requestor
@@ -334,6 +348,14 @@ class StorageSCP:
         if isinstance(status, Dataset):
             self._record_refusal(info, code, str(status.ErrorComment))
         return status
+
+    def _record_connection_refused(self, address: str, reason: str, message: str) -> None:
+        """Add a ``connection_refused`` event (the "refused sources" of the dashboard)."""
+        try:
+            with self.engine.begin() as connection:
+                add_event(connection, "connection_refused", message, address=address, reason=reason)
+        except Exception:
+            log.exception("cannot record a refused connection in the job log")
 
     def _record_refusal(self, info: _AssociationInfo | None, code: int, comment: str) -> None:
         """Add an ``instance_refused`` event, so the job log says why an instance was
