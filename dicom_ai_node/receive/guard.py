@@ -244,6 +244,10 @@ class GuardedServer(ThreadedAssociationServer):
     """
 
     daemon_threads = True  # ThreadingMixIn.server_close joins only non-daemon threads
+    # The kernel's queue of connections not yet accepted (listen backlog; socketserver's
+    # default is 5): a burst beyond it has its SYNs dropped, and every peer's connect then
+    # waits the SYN retransmission time (1 s, then 2 s...) however fast the node accepts.
+    request_queue_size = 128
     guard: ConnectionGuard
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
