@@ -155,6 +155,12 @@ def api_router(ctx: WebContext) -> APIRouter:
         with ctx.reads() as session:
             return ctx.destination_status(session)
 
+    @router.get("/refused-sources", response_model=list[queries.RefusedSource])
+    def get_refused_sources() -> list[queries.RefusedSource]:
+        """Source addresses the DICOM listener refused by a limit, by reason, newest first."""
+        with ctx.reads() as session:
+            return queries.refused_sources(session)
+
     @router.get("/queue", response_model=queries.QueueDepth)
     def get_queue() -> queries.QueueDepth:
         """Work waiting: jobs queued and running, deliveries and notifications pending."""

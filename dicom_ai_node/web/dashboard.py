@@ -172,11 +172,13 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
     def destinations_page(request: Request) -> HTMLResponse:
         with ctx.reads() as session:
             destinations = ctx.destination_status(session)
+            refused = queries.refused_sources(session)
         return render(
             request,
             "destinations.html",
             True,
             destinations=destinations,
+            refused=refused,
             problems=ctx.problems(),
         )
 
