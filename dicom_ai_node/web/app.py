@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -14,6 +14,20 @@ from dicom_ai_node.web.api import WebContext, api_router, public_router
 from dicom_ai_node.web.auth import AuthError, TokenAuth
 from dicom_ai_node.web.dashboard import dashboard_router, login_page
 from dicom_ai_node.web.metrics import NodeMetrics
+
+# Nothing external: the pages' own styles and inline handlers (the retry confirmation), images
+# from the node, no frames (CSP Level 3 frame-ancestors, and X-Frame-Options for older browsers).
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
+    "script-src 'unsafe-inline'; connect-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 def create_app(
@@ -47,6 +61,8 @@ def create_app(
     @app.exception_handler(AuthError)
     def refuse(request: Request, exc: AuthError) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
         if request.url.path.startswith("/api/"):
             return JSONResponse({"detail": exc.reason}, exc.status, headers=headers)
         page = login_page(exc.reason, exc.status)
@@ -54,9 +70,19 @@ def create_app(
         return page
 
     app.middleware("http")(auth.middleware)
+
+    @app.middleware("http")  # added last, so outermost: every answer gets the headers
+    async def security_headers(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
     app.include_router(public_router(ctx))
     app.include_router(api_router(ctx), dependencies=[Depends(authenticated)])
     app.include_router(
-        dashboard_router(ctx, refresh_seconds), dependencies=[Depends(authenticated)]
+        dashboard_router(ctx, refresh_seconds, auth.csrf_token),
+        dependencies=[Depends(authenticated)],
     )
     return app
