@@ -174,6 +174,30 @@ class HttpSettings(_Section):
     public_url: str = Field(default="", description="Where users reach the dashboard")
 
 
+class AuditSettings(_Section):
+    """The audit trail (PS3.15 A.5): always in the job log; also sent to a syslog audit
+    repository (RFC 5424 over TCP, or TLS with ``tls``) when ``syslog`` is set."""
+
+    syslog: str = Field(default="", description='"host:port" of the audit repository; "" = none')
+    tls: bool = False
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    enterprise_site_id: str = ""
+    queue_size: int = Field(default=10000, ge=1)
+    retry_base_seconds: float = Field(default=1.0, gt=0)
+    retry_max_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("syslog")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{value!r} is not host:port")
+        return value
+
+
 class AssembleSettings(_Section):
     """When a series counts as complete: released association and quiet for this long."""
 
@@ -297,6 +321,7 @@ class Settings(BaseSettings):
     assemble: AssembleSettings = AssembleSettings()
     worker: WorkerSettings = WorkerSettings()
     dispatch: DispatchSettings = DispatchSettings()
+    audit: AuditSettings = AuditSettings()
     models: ModelsSettings = ModelsSettings()
     logging: LoggingSettings = LoggingSettings()
     destinations: list[DestinationSettings] = []

@@ -11,20 +11,31 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections import Counter
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from pydicom import Dataset, dcmread
 from pydicom.charset import python_encoding
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import KeyObjectSelectionDocumentStorage, generate_uid
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from dicom_ai_node import __version__
 from dicom_ai_node.assemble import complete_series, complete_studies
+from dicom_ai_node.audit.messages import (
+    MINOR_FAILURE,
+    SUCCESS,
+    Peer,
+    created_event,
+    transferred_event,
+)
+from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import ConfigError, Settings
 from dicom_ai_node.dispatch.deliveries import Dispatcher, plan_deliveries, release_leases
+from dicom_ai_node.dispatch.scu import SendOutcome
 from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, upgrade
 from dicom_ai_node.jobs.loop import PollingLoop
 from dicom_ai_node.jobs.models import Instance, Job, JobState, Prediction, Result, utcnow
@@ -45,6 +56,8 @@ if TYPE_CHECKING:
     from dicom_ai_node.infer.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
+
+AUDITED_TAGS = ["StudyInstanceUID", "PatientID", "SOPClassUID"]
 
 PRUNE_INTERVAL_SECONDS = 600.0
 
@@ -115,6 +128,9 @@ class Node:
         self.read_sessions = session_factory(read_only(self.engine))
         self.metrics = NodeMetrics(self.read_sessions)
         self.spool = Spool(settings.storage.data_dir)
+        self.audit = AuditTrail(
+            self.sessions, settings.audit, settings.node_name, self.metrics.audit_message
+        )
         self.models = models if models is not None else self._load_models()
         extra = tuple(
             sorted({key for route in settings.routes for key in route.where} - {"CallingAETitle"})
@@ -127,6 +143,7 @@ class Node:
             min_free_bytes=settings.storage.min_free_mb * 1024 * 1024,
             extra_keywords=extra,
             metrics=self.metrics,
+            audit=self.audit,
         )
         self.worker = Worker(
             self.sessions,
@@ -142,7 +159,7 @@ class Node:
             settings.dispatch,
             settings.dicom.ae_title,
             self.owner,
-            on_outcome=lambda name, outcome: self.metrics.dispatch_attempt(name, outcome.ok),
+            on_outcome=self._dispatched,
             on_delivered=lambda seconds: self.metrics.end_to_end_seconds(seconds, "delivered"),
         )
         self.http = HttpServer(
@@ -155,6 +172,7 @@ class Node:
             token=settings.http.token,
             destinations=settings.destinations,
             node_name=settings.node_name,
+            audit=self.audit,
         )
         self.notifier = Notifier(
             self.sessions,
@@ -212,12 +230,35 @@ class Node:
                 cleaned,
                 reindexed,
             )
+        self.audit.start()
         self.scp.start()
         self.assembler.start()
         self.worker.start()
         self.dispatcher.start()
         self.http.start()
         self.notifier.start()
+
+    def _dispatched(self, name: str, outcome: SendOutcome) -> None:
+        """Count a C-STORE of a result and audit it (PS3.15 A.5.3.4, instances sent)."""
+        self.metrics.dispatch_attempt(name, outcome.ok)
+        destination = next(d for d in self.settings.destinations if d.name == name)
+        try:
+            ds = dcmread(outcome.path, stop_before_pixels=True, specific_tags=AUDITED_TAGS)
+        except (OSError, InvalidDicomError) as exc:
+            log.warning("audit: cannot read %s: %s", outcome.path, exc)
+            return
+        self.audit.record(
+            transferred_event(
+                Peer(self.settings.dicom.ae_title, self.settings.dicom.bind),
+                Peer(destination.ae_title, destination.host),
+                str(ds.get("StudyInstanceUID", "")),
+                str(ds.get("PatientID", "")),
+                {str(ds.get("SOPClassUID", "")): 1},
+                utcnow(),
+                received=False,
+                outcome=SUCCESS if outcome.ok else MINOR_FAILURE,
+            )
+        )
 
     def health(self) -> list[str]:
         """What is wrong with the node (nothing = healthy), for ``/healthz``."""
@@ -245,6 +286,7 @@ class Node:
         self.worker.stop()
         self.dispatcher.stop()
         self.notifier.stop()
+        self.audit.stop()
         self.engine.dispose()
 
     # --- assemble and route ----------------------------------------------------------------
@@ -401,6 +443,15 @@ class Node:
         )
         last_received = max(instance.received_at for instance in instances)
         self.metrics.end_to_end_seconds((utcnow() - last_received).total_seconds(), "written")
+        self.audit.record(
+            created_event(
+                f"{self.settings.node_name}/{prediction.model} {prediction.model_version}",
+                job.study_instance_uid,
+                str(datasets[0].get("PatientID", "")) if datasets else "",
+                Counter(str(ds.SOPClassUID) for ds in datasets),
+                utcnow(),
+            )
+        )
         self.notifier.wake()
         if deliveries:
             self.dispatcher.wake()

@@ -9,7 +9,10 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node import __version__
+from dicom_ai_node.audit.messages import alert_event, login_event
+from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DestinationSettings
+from dicom_ai_node.jobs.models import utcnow
 from dicom_ai_node.web.api import WebContext, api_router, public_router
 from dicom_ai_node.web.auth import AuthError, TokenAuth
 from dicom_ai_node.web.dashboard import dashboard_router, login_page
@@ -40,13 +43,37 @@ def create_app(
     destinations: Sequence[DestinationSettings] = (),
     node_name: str = "",
     refresh_seconds: int = 15,
+    audit: AuditTrail | None = None,
 ) -> FastAPI:
     """The app of one node. The OpenAPI schema is at ``/openapi.json``; the interactive
     docs are off, as they load scripts from a CDN that a hospital network may not reach.
     Pages and API reads use ``read_sessions`` (which on SQLite take no write lock) when
-    given."""
-    auth = TokenAuth(token)
-    ctx = WebContext(sessions, read_sessions or sessions, health, metrics, destinations, node_name)
+    given. ``audit`` records logins, wrong tokens, rate limits and who read which study."""
+    name = node_name or "dicom-ai-node"
+
+    def audited(kind: str, address: str) -> None:
+        if audit is None:
+            return
+        now = utcnow()
+        if kind == "rate_limited":
+            audit.record(
+                alert_event(name, "unknown", address, "too many wrong tokens", now, network=False)
+            )
+        else:
+            user = auth.identity if kind == "login" else "unknown"
+            audit.record(login_event(user, address, kind == "login", name, now))
+
+    auth = TokenAuth(token, on_event=audited)
+    ctx = WebContext(
+        sessions,
+        read_sessions or sessions,
+        health,
+        metrics,
+        destinations,
+        node_name,
+        audit=audit,
+        identity=auth.identity,
+    )
     app = FastAPI(
         title="dicom-ai-node",
         version=__version__,

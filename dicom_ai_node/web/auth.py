@@ -83,12 +83,21 @@ class FailedAttempts:
 class TokenAuth:
     """Checks a request's token (header or cookie) against the node's."""
 
-    def __init__(self, token: str, attempts: FailedAttempts | None = None) -> None:
+    def __init__(
+        self,
+        token: str,
+        attempts: FailedAttempts | None = None,
+        on_event: Callable[[str, str], None] | None = None,
+    ) -> None:
+        """``on_event(kind, address)`` hears of each ``login`` (a ``?token=`` traded for the
+        cookie), ``wrong_token`` and ``rate_limited`` answer (the audit trail)."""
         if not token:
             raise ValueError("an empty token would let anyone in")
         self.token = token
         self.attempts = attempts or FailedAttempts()
+        self.on_event = on_event or (lambda kind, address: None)
         digest = hashlib.sha256(token.encode()).hexdigest()
+        self.identity = f"token:{digest[:12]}"  # who, in the audit trail (not the token)
         self.cookie_name = f"dicom_ai_node_{digest[:10]}"
         self.cookie_value = hmac.new(token.encode(), b"dashboard-cookie", "sha256").hexdigest()
         self.csrf_token = hmac.new(token.encode(), b"dashboard-form", "sha256").hexdigest()
@@ -97,12 +106,14 @@ class TokenAuth:
         """Compare in constant time; a mismatch counts against the client's address."""
         if hmac.compare_digest(given.encode(), expected.encode()):
             return True
-        self.attempts.failed(_address(request))
+        self.attempts.failed(client_address(request))
+        self.on_event("wrong_token", client_address(request))
         return False
 
     def _not_blocked(self, request: Request) -> None:
-        retry_after = self.attempts.retry_after(_address(request))
+        retry_after = self.attempts.retry_after(client_address(request))
         if retry_after is not None:
+            self.on_event("rate_limited", client_address(request))
             raise AuthError(429, "too many wrong tokens from this address", retry_after)
 
     def check(self, request: Request) -> None:
@@ -142,8 +153,9 @@ class TokenAuth:
         given = request.query_params.get("token")
         if given is None or request.url.path in PUBLIC_PATHS:
             return await call_next(request)
-        retry_after = self.attempts.retry_after(_address(request))
+        retry_after = self.attempts.retry_after(client_address(request))
         if retry_after is not None:
+            self.on_event("rate_limited", client_address(request))
             return PlainTextResponse(
                 "too many wrong tokens from this address",
                 status_code=429,
@@ -151,6 +163,7 @@ class TokenAuth:
             )
         if not self._matches(request, given, self.token):
             return PlainTextResponse("wrong token", status_code=403)
+        self.on_event("login", client_address(request))
         clean = request.url.remove_query_params("token")
         target = clean.path + (f"?{clean.query}" if clean.query else "")
         response = RedirectResponse(target, status_code=303)
@@ -165,5 +178,5 @@ class TokenAuth:
         return response
 
 
-def _address(request: Request) -> str:
+def client_address(request: Request) -> str:
     return request.client.host if request.client is not None else ""

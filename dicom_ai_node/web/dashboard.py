@@ -144,6 +144,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int, csrf_token: str) -> 
             job = queries.get_job(session, job_id)
         if job is None:
             return render(request, "missing.html", False, what=f"job {job_id}")
+        ctx.accessed(request, job)
         return render(
             request,
             "job.html",

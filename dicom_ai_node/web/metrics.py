@@ -106,6 +106,13 @@ class NodeMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self._audit = Counter(
+            f"{PREFIX}_audit_messages",
+            "Audit messages, by outcome: stored (job log), sent (syslog repository), dropped "
+            "(queue full), store_failed, send_failed (each failed attempt; retried)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self._inference = Histogram(
             f"{PREFIX}_inference_seconds",
             "Inference time of one job, by model",
@@ -163,6 +170,9 @@ class NodeMetrics:
         """A connection or association refused by a ``[dicom.limits]`` budget or the
         source-address check (see ``receive/guard.py``)."""
         self._connections_refused.labels(reason).inc()
+
+    def audit_message(self, outcome: str) -> None:
+        self._audit.labels(outcome).inc()
 
     def inference_seconds(self, model: str, seconds: float) -> None:
         self._inference.labels(model).observe(seconds)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DestinationSettings
 from dicom_ai_node.web.app import create_app
 from dicom_ai_node.web.metrics import NodeMetrics
@@ -44,6 +45,7 @@ class HttpServer:
         destinations: Sequence[DestinationSettings] = (),
         node_name: str = "",
         refresh_seconds: int = 15,
+        audit: AuditTrail | None = None,
     ) -> None:
         configured = token or os.environ.get(TOKEN_ENV, "")
         self.token_generated = not configured
@@ -59,6 +61,7 @@ class HttpServer:
             destinations=destinations,
             node_name=node_name,
             refresh_seconds=refresh_seconds,
+            audit=audit,
         )
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
