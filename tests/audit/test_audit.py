@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,11 +15,21 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_ai_node.audit.messages import INSTANCES_ACCESSED, AuditEvent, Participant
+from dicom_ai_node.audit.messages import (
+    INSTANCES_ACCESSED,
+    AuditEvent,
+    Participant,
+    Peer,
+    association_event,
+)
+from dicom_ai_node.audit.trail import AuditTrail
+from dicom_ai_node.config import AuditSettings
 from dicom_ai_node.jobs.models import AuditRecord, Job
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
+from tests.support.certs import make_certificates
 from tests.support.helpers import free_port, run_tool, storescp, wait_for
 from tests.support.rsyslog import rsyslog
 
@@ -242,3 +253,34 @@ def test_one_study_life_reaches_the_audit_repository_after_it_was_down(
     assert "not_an_association_request" in (
         alert.findtext("ParticipantObjectIdentification/ParticipantObjectDescription") or ""
     )
+
+
+@pytest.mark.peers
+def test_messages_go_over_tls_to_a_repository_that_checks_nothing_but_its_own_certificate(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    port = free_port()
+    counts: Counter[str] = Counter()
+    trail = AuditTrail(
+        sessions,
+        AuditSettings(syslog=f"127.0.0.1:{port}", tls=True, ca_certificates=certs.ca),
+        "tls-node",
+        lambda outcome: counts.update([outcome]),
+    )
+    with rsyslog(port, tmp_path / "rsyslog", certs) as log:
+        trail.start()
+        try:
+            trail.record(
+                association_event(
+                    Peer("CT1", "127.0.0.5"), Peer("AINODE", "127.0.0.1"), True, datetime.now(UTC)
+                )
+            )
+            wait_for(lambda: counts["sent"] == 1)
+            wait_for(lambda: log.exists() and log.read_text().count("\n") == 1)
+        finally:
+            trail.stop()
+        (message,) = parse(log)
+    event_id, action, _ = check_common(message, "tls-node")
+    assert (event_id, action) == ("110114", "E")
+    assert counts["stored"] == 1 and counts["send_failed"] == 0
