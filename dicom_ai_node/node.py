@@ -36,10 +36,18 @@ from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import ConfigError, Settings
 from dicom_ai_node.dispatch.deliveries import Dispatcher, plan_deliveries, release_leases
 from dicom_ai_node.dispatch.scu import SendOutcome
+from dicom_ai_node.jobs.crashes import CrashRecords, summary
 from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, upgrade
 from dicom_ai_node.jobs.loop import PollingLoop
 from dicom_ai_node.jobs.models import Instance, Job, JobState, Prediction, Result, utcnow
-from dicom_ai_node.jobs.queue import enqueue, record_skipped, recover, transition, worker_id
+from dicom_ai_node.jobs.queue import (
+    AttemptLimits,
+    enqueue,
+    record_skipped,
+    recover,
+    transition,
+    worker_id,
+)
 from dicom_ai_node.jobs.store import add_event, upsert
 from dicom_ai_node.jobs.worker import LeaseLostError, PermanentJobError, Worker
 from dicom_ai_node.receive.record import close_stale_associations, reindex
@@ -131,6 +139,8 @@ class Node:
         self.audit = AuditTrail(
             self.sessions, settings.audit, settings.node_name, self.metrics.audit_message
         )
+        self.crashes = CrashRecords(settings.storage.data_dir)
+        self.limits = AttemptLimits(settings.worker.max_attempts, settings.worker.max_interruptions)
         self.models = models if models is not None else self._load_models()
         extra = tuple(
             sorted({key for route in settings.routes for key in route.where} - {"CallingAETitle"})
@@ -150,7 +160,8 @@ class Node:
             self.process_job,
             self.owner,
             lease_seconds=settings.worker.lease_seconds,
-            max_attempts=settings.worker.max_attempts,
+            limits=self.limits,
+            crashes=self.crashes,
             poll_seconds=settings.worker.poll_seconds,
         )
         self.dispatcher = Dispatcher(
@@ -217,16 +228,21 @@ class Node:
         upgrade(self.engine)
         with self.sessions.begin() as session:
             lost = close_stale_associations(session, self.settings.node_name)
-            requeued = recover(session, self.settings.node_name, self.settings.worker.max_attempts)
+            requeued = recover(session, self.settings.node_name, self.crashes.of, self.limits)
             release_leases(session, self.settings.node_name)
+        for owner in set(requeued.values()):
+            crash = self.crashes.of(owner)
+            if crash is not None:
+                log.warning("worker %s had crashed: %s\n%s", owner, summary(crash), crash)
+            self.crashes.forget(owner)
         cleaned = self.spool.clean_temporary()
         reindexed = reindex(self.sessions, self.spool)
         if lost or requeued or cleaned or reindexed:
             log.warning(
-                "recovered from an unclean stop: %d associations closed, jobs %s requeued, "
+                "recovered from an unclean stop: %d associations closed, jobs %s judged, "
                 "%d partial files removed, %d spool files re-indexed",
                 lost,
-                requeued,
+                sorted(requeued),
                 cleaned,
                 reindexed,
             )

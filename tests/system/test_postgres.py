@@ -26,6 +26,8 @@ from dicom_ai_node.jobs.queue import JobSpec, enqueue
 from dicom_ai_node.node import Node
 from tests.support.helpers import claim_from_threads, free_port, instance, wait_for
 
+pytestmark = pytest.mark.peers
+
 
 def _postgres_bin() -> Path:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
