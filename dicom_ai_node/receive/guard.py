@@ -13,8 +13,9 @@ limits, and a peer that sends slower than a floor byte rate mid-PDU is cut off.
 
 Every refusal is logged with its reason and counted in
 ``dicom_ai_node_connections_refused_total{reason}``; the job log gets one
-``connection_refused`` event per source and reason a minute, which the destinations page
-lists as "refused sources" (so an attacker cannot turn refusals into a write per packet).
+``connection_refused`` event per source and reason a minute (and 60 a minute in all), which
+the destinations page lists as "refused sources" (so an attacker cannot turn refusals into a
+write per packet).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ A_ASSOCIATE_RQ = 0x01  # PDU type, PS3.8 Section 9.3.2
 PEEK_BYTES = 32768
 PENDING_POLL_SECONDS = 0.01
 EVENT_EVERY_SECONDS = 60.0
+MAX_EVENTS_PER_MINUTE = 60  # in all: many addresses (an IPv6 /64) cannot flood the job log
 
 Recorder = Callable[[str, str, str], None]
 """Called with (address, reason, message) to put a refusal in the job log."""
@@ -121,9 +123,11 @@ class ConnectionGuard:
         self._by_ae: Counter[str] = Counter()
         self._open: dict[int, tuple[str, str]] = {}
         self._recorded: dict[tuple[str, str], float] = {}
+        self._minute = (0.0, 0)  # start of the current minute, events recorded in it
 
     def refuse(self, address: str, reason: str, message: str) -> None:
-        """Log, count and (at most once a minute per source and reason) record a refusal."""
+        """Log, count and (at most once a minute per source and reason, and
+        :data:`MAX_EVENTS_PER_MINUTE` in all) record a refusal."""
         log.warning("refused %s: %s (%s)", address, message, reason)
         if self._count is not None:
             self._count(reason)
@@ -132,6 +136,12 @@ class ConnectionGuard:
             last = self._recorded.get((address, reason))
             if last is not None and now - last < EVENT_EVERY_SECONDS:
                 return
+            started, recorded = self._minute
+            if now - started >= EVENT_EVERY_SECONDS:
+                started, recorded = now, 0
+            if recorded >= MAX_EVENTS_PER_MINUTE:
+                return
+            self._minute = (started, recorded + 1)
             if len(self._recorded) > 1000:
                 self._recorded.clear()
             self._recorded[(address, reason)] = now

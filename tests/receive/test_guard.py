@@ -19,8 +19,11 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
+from dicom_ai_node.config import ConnectionLimits
 from dicom_ai_node.jobs.models import Event
 from dicom_ai_node.node import Node
+from dicom_ai_node.receive.access import AddressPolicy
+from dicom_ai_node.receive.guard import MAX_EVENTS_PER_MINUTE, ConnectionGuard
 from tests.support.helpers import instance, wait_for
 
 ATTACKER = "127.0.0.9"
@@ -191,3 +194,25 @@ def test_a_sender_below_the_floor_rate_is_cut_off(node_factory: Callable[..., No
     wait_for(lambda: refused(node, "below_floor_rate") == 1)
     wait_for(lambda: not assoc.is_alive())
     modality_is_served(node)
+
+
+def test_refusals_reach_the_job_log_at_a_bounded_rate() -> None:
+    recorded: list[tuple[str, str]] = []
+    counted: list[str] = []
+    guard = ConnectionGuard(
+        ConnectionLimits(),
+        AddressPolicy({}),
+        counted.append,
+        lambda address, reason, message: recorded.append((address, reason)),
+    )
+    for _ in range(3):
+        guard.refuse("10.0.0.1", "pending_per_address", "too many")
+    guard.refuse("10.0.0.1", "pre_association_timeout", "silent")
+    for n in range(200):  # many addresses (say an IPv6 /64)
+        guard.refuse(f"fd00::{n:x}", "pending_per_address", "too many")
+    assert len(counted) == 204  # every refusal counted in the metrics
+    assert recorded[:2] == [
+        ("10.0.0.1", "pending_per_address"),
+        ("10.0.0.1", "pre_association_timeout"),
+    ]
+    assert len(recorded) == MAX_EVENTS_PER_MINUTE
