@@ -216,3 +216,16 @@ def test_refusals_reach_the_job_log_at_a_bounded_rate() -> None:
         ("10.0.0.1", "pre_association_timeout"),
     ]
     assert len(recorded) == MAX_EVENTS_PER_MINUTE
+
+
+def test_an_idle_association_is_aborted_after_the_network_timeout(
+    node_factory: Callable[..., Node],
+) -> None:
+    node = node_factory(dicom={"network_timeout": 0.5})
+    idle = associate(node, ATTACKER)
+    assert idle.is_established
+    wait_for(lambda: idle.is_aborted, timeout=10)  # the node's idle timer: A-ABORT
+    wait_for(
+        lambda: node.metrics.registry.get_sample_value("dicom_ai_node_associations_active") == 0
+    )
+    modality_is_served(node)
