@@ -305,16 +305,16 @@ class GuardedServer(ThreadedAssociationServer):
                 )
             connection.settimeout(None)
         except OSError as exc:  # ssl.SSLError and TimeoutError included
-            request.close()
             self.guard.refuse(address, "tls_handshake", f"TLS handshake failed: {exc}")
+            request.close()  # after counting: the peer sees the close once it is counted
             return None
         reason = await_request(connection, deadline)
         if reason is None:
             assert isinstance(connection, MeteredSocket | MeteredSSLSocket)
             return connection
-        connection.close()
         if reason != "closed":
             self.guard.refuse(address, reason, "no A-ASSOCIATE-RQ in time")
+        connection.close()
         return None
 
 
