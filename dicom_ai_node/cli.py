@@ -21,6 +21,7 @@ from dicom_ai_node import cli_ml
 from dicom_ai_node.config import ConfigError, Settings, load_settings
 from dicom_ai_node.demo import demo
 from dicom_ai_node.jobs.crashes import record_crashes
+from dicom_ai_node.jobs.db import SchemaTooNewError
 
 if TYPE_CHECKING:
     from dicom_ai_node.node import Node
@@ -130,7 +131,7 @@ def _run(node: Node, settings: Settings, stop: threading.Event, log: logging.Log
         node.stop()  # what had started already
         err.print(f"[red]configuration error:[/red] {exc}")
         raise typer.Exit(2) from None
-    except OSError as exc:
+    except (OSError, SchemaTooNewError) as exc:
         node.stop()
         err.print(f"[red]cannot start:[/red] {exc}")
         raise typer.Exit(1) from None

@@ -310,6 +310,24 @@ class ModelsSettings(_Section):
     dirs: list[Path] = []
 
 
+class ClusterSettings(_Section):
+    """Nodes sharing one job log (PostgreSQL) and one data folder."""
+
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    node_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="A node silent this long is dead; the others take over"
+    )
+
+    @model_validator(mode="after")
+    def _timeout_covers_heartbeats(self) -> ClusterSettings:
+        if self.node_timeout_seconds <= 2 * self.heartbeat_seconds:
+            raise ValueError(
+                "node_timeout_seconds: must be more than twice heartbeat_seconds "
+                f"({self.heartbeat_seconds:g})"
+            )
+        return self
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_lines: bool = False
@@ -334,6 +352,7 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = DispatchSettings()
     audit: AuditSettings = AuditSettings()
     models: ModelsSettings = ModelsSettings()
+    cluster: ClusterSettings = ClusterSettings()
     logging: LoggingSettings = LoggingSettings()
     destinations: list[DestinationSettings] = []
     routes: list[RouteSettings] = []

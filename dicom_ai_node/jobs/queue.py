@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from dicom_ai_node.jobs.crashes import CrashLookup, summary
 from dicom_ai_node.jobs.models import Job, JobState, utcnow
-from dicom_ai_node.jobs.store import add_event
+from dicom_ai_node.jobs.store import add_event, upsert
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,31 @@ def worker_id(node_name: str | None = None) -> str:
     return f"{node_name or socket.gethostname()}:{os.getpid()}"
 
 
+def job_key(level: str, study: str, series: str | None, generation: int, route: str) -> str:
+    """The job's unique key: one job per series (or study), generation and route."""
+    return f"{level}:{series or study}:{generation}:{route}"
+
+
+def _insert_once(session: Session, **values: object) -> Job | None:
+    """Insert a job unless one with its key exists (several nodes may race to queue it);
+    the new job, or ``None`` when another got there first."""
+    job_id = session.execute(
+        upsert(session, Job)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["unique_key"])
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    return None if job_id is None else session.get(Job, job_id)
+
+
 def enqueue(session: Session, specs: Iterable[JobSpec]) -> list[Job]:
-    """Queue one job per spec (in the caller's transaction)."""
+    """Queue one job per spec (in the caller's transaction); a spec whose job exists
+    already (queued by another node) is left out of the list returned."""
     jobs = []
     for spec in specs:
-        job = Job(
+        now = utcnow()
+        job = _insert_once(
+            session,
             level=spec.level,
             study_instance_uid=spec.study_instance_uid,
             series_instance_uid=spec.series_instance_uid,
@@ -78,9 +98,19 @@ def enqueue(session: Session, specs: Iterable[JobSpec]) -> list[Job]:
             outputs=list(spec.outputs),
             destinations=list(spec.destinations),
             priority=spec.priority,
+            state=JobState.QUEUED.value,
+            created_at=now,
+            updated_at=now,
+            unique_key=job_key(
+                spec.level,
+                spec.study_instance_uid,
+                spec.series_instance_uid,
+                spec.generation,
+                spec.route,
+            ),
         )
-        session.add(job)
-        session.flush()
+        if job is None:
+            continue
         add_event(
             session,
             "job_queued",
@@ -101,20 +131,26 @@ def record_skipped(
     generation: int,
     modality: str,
     reason: str,
-) -> Job:
-    """Record a series that no route wanted, as a job in state ``skipped`` with the reason."""
+) -> Job | None:
+    """Record a series that no route wanted, as a job in state ``skipped`` with the reason
+    (``None`` when another node recorded it already)."""
     now = utcnow()
-    job = Job(
+    job = _insert_once(
+        session,
+        level="series",
         study_instance_uid=study,
         series_instance_uid=series,
         generation=generation,
         modality=modality,
         state=JobState.SKIPPED.value,
         error=reason,
+        created_at=now,
+        updated_at=now,
         finished_at=now,
+        unique_key=job_key("series", study, series, generation, ""),
     )
-    session.add(job)
-    session.flush()
+    if job is None:
+        return None
     add_event(session, "series_skipped", reason, job_id=job.id, study=study, series=series)
     return job
 

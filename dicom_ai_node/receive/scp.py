@@ -17,7 +17,6 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -509,7 +508,12 @@ class StorageSCP:
         try:
             with self.engine.begin() as connection:
                 recorded = record_instance(
-                    connection, header, str(path), len(encoded), association_id, calling
+                    connection,
+                    header,
+                    self.spool.stored(path),
+                    len(encoded),
+                    association_id,
+                    calling,
                 )
         except Exception as exc:
             log.exception("association %s: cannot record an instance", association_id)
@@ -517,7 +521,7 @@ class StorageSCP:
                 self.spool.remove(path)
             return refuse(STATUS_OUT_OF_RESOURCES, f"job log unavailable: {type(exc).__name__}")
         if recorded.old_path is not None:
-            self.spool.remove(Path(recorded.old_path))
+            self.spool.remove(self.spool.locate(recorded.old_path))
         if info is not None:
             _, counts = info.studies.setdefault(
                 header.study_instance_uid, (header.patient_id, Counter())

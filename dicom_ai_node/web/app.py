@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -42,6 +43,7 @@ def create_app(
     metrics: NodeMetrics,
     destinations: Sequence[DestinationSettings] = (),
     node_name: str = "",
+    data_dir: Path = Path(),
     refresh_seconds: int = 15,
     audit: AuditTrail | None = None,
 ) -> FastAPI:
@@ -71,6 +73,7 @@ def create_app(
         metrics,
         destinations,
         node_name,
+        data_dir,
         audit=audit,
         identity=auth.identity,
     )

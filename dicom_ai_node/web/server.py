@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
@@ -44,6 +45,7 @@ class HttpServer:
         token: str = "",
         destinations: Sequence[DestinationSettings] = (),
         node_name: str = "",
+        data_dir: Path = Path(),
         refresh_seconds: int = 15,
         audit: AuditTrail | None = None,
     ) -> None:
@@ -60,6 +62,7 @@ class HttpServer:
             metrics=metrics,
             destinations=destinations,
             node_name=node_name,
+            data_dir=data_dir,
             refresh_seconds=refresh_seconds,
             audit=audit,
         )

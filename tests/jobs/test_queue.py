@@ -39,7 +39,9 @@ def spec(priority: int = 0, series: str = "1.2.3") -> JobSpec:
 
 def test_claims_by_priority_then_age(sessions: sessionmaker[Session]) -> None:
     with sessions.begin() as session:
-        low_old, high, low_new = enqueue(session, [spec(0), spec(5), spec(0)])
+        low_old, high, low_new = enqueue(
+            session, [spec(0, "1.2.3.1"), spec(5, "1.2.3.2"), spec(0, "1.2.3.3")]
+        )
         ids = [low_old.id, high.id, low_new.id]
     order = []
     for _ in range(3):
@@ -59,6 +61,18 @@ def test_concurrent_workers_claim_each_job_once(sessions: sessionmaker[Session])
     claimed = claim_from_threads(sessions, 6)
     assert len(claimed) == 60
     assert len(set(claimed)) == 60
+
+
+def test_a_job_is_queued_once_per_series_generation_and_route(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions.begin() as session:
+        assert len(enqueue(session, [spec(), spec(5)])) == 1
+    with sessions.begin() as session:
+        assert enqueue(session, [spec()]) == []
+        assert len(enqueue(session, [spec(series="1.2.4")])) == 1
+    with sessions() as session:
+        assert len(session.scalars(select(Job)).all()) == 2
 
 
 LIMITS = AttemptLimits(max_attempts=2, max_interruptions=3)

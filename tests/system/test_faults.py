@@ -151,7 +151,7 @@ def test_kill_mid_association_keeps_every_acknowledged_instance(
         with Session(engine) as session:
             rows = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
         assert acknowledged <= set(rows)
-        assert all(Path(rows[uid].path).is_file() for uid in acknowledged)
+        assert all((served.data / rows[uid].path).is_file() for uid in acknowledged)
         assert not list(served.data.rglob(".tmp-*"))
         engine.dispose()
     finally:

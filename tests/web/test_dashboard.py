@@ -81,6 +81,7 @@ def test_dashboard_of_a_node_that_read_two_studies(
         port=0,
         token=TOKEN,
         node_name=node.settings.node_name,
+        data_dir=node.settings.storage.data_dir,
     )
     http.start()
     try:
