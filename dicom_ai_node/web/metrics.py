@@ -100,6 +100,19 @@ class NodeMetrics:
             "DICOM association requests rejected",
             registry=self.registry,
         )
+        self._connections_refused = Counter(
+            f"{PREFIX}_connections_refused",
+            "DICOM connections and association requests refused by a limit, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._audit = Counter(
+            f"{PREFIX}_audit_messages",
+            "Audit messages, by outcome: stored (job log), sent (syslog repository), dropped "
+            "(queue full), store_failed, send_failed (each failed attempt; retried)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self._inference = Histogram(
             f"{PREFIX}_inference_seconds",
             "Inference time of one job, by model",
@@ -152,6 +165,14 @@ class NodeMetrics:
 
     def association_rejected(self) -> None:
         self._associations_rejected.inc()
+
+    def connection_refused(self, reason: str) -> None:
+        """A connection or association refused by a ``[dicom.limits]`` budget or the
+        source-address check (see ``receive/guard.py``)."""
+        self._connections_refused.labels(reason).inc()
+
+    def audit_message(self, outcome: str) -> None:
+        self._audit.labels(outcome).inc()
 
     def inference_seconds(self, model: str, seconds: float) -> None:
         self._inference.labels(model).observe(seconds)
