@@ -150,6 +150,12 @@ class HttpSettings(_Section):
     port: int = Field(default=8080, ge=0, le=65535)
     token: str = ""
     public_url: str = Field(default="", description="Where users reach the dashboard")
+    stow_max_mb: float = Field(
+        default=2048,
+        gt=0,
+        description="Refuse larger STOW-RS request bodies (HTTP 413); one instance in it is "
+        "bounded by [dicom] max_instance_mb as over C-STORE",
+    )
 
 
 class AssembleSettings(_Section):

@@ -155,6 +155,8 @@ class Node:
             token=settings.http.token,
             destinations=settings.destinations,
             node_name=settings.node_name,
+            ingest=self.scp.ingest,
+            stow_max_bytes=int(settings.http.stow_max_mb * 2**20),
         )
         self.notifier = Notifier(
             self.sessions,

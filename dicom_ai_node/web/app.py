@@ -10,10 +10,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node import __version__
 from dicom_ai_node.config import DestinationSettings
+from dicom_ai_node.receive.ingest import Ingest
 from dicom_ai_node.web.api import WebContext, api_router, public_router
 from dicom_ai_node.web.auth import AuthError, TokenAuth
 from dicom_ai_node.web.dashboard import dashboard_router, login_page
 from dicom_ai_node.web.metrics import NodeMetrics
+from dicom_ai_node.web.stow import stow_router
 
 
 def create_app(
@@ -26,11 +28,13 @@ def create_app(
     destinations: Sequence[DestinationSettings] = (),
     node_name: str = "",
     refresh_seconds: int = 15,
+    ingest: Ingest | None = None,
+    stow_max_bytes: int = 2**31,
 ) -> FastAPI:
     """The app of one node. The OpenAPI schema is at ``/openapi.json``; the interactive
     docs are off, as they load scripts from a CDN that a hospital network may not reach.
     Pages and API reads use ``read_sessions`` (which on SQLite take no write lock) when
-    given."""
+    given. With ``ingest``, ``/dicomweb/studies`` takes instances by STOW-RS into it."""
     auth = TokenAuth(token)
     ctx = WebContext(sessions, read_sessions or sessions, health, metrics, destinations, node_name)
     app = FastAPI(
@@ -47,7 +51,7 @@ def create_app(
     @app.exception_handler(AuthError)
     def refuse(request: Request, exc: AuthError) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-        if request.url.path.startswith("/api/"):
+        if request.url.path.startswith(("/api/", "/dicomweb/")):
             return JSONResponse({"detail": exc.reason}, exc.status, headers=headers)
         page = login_page(exc.reason, exc.status)
         page.headers.update(headers)
@@ -59,4 +63,9 @@ def create_app(
     app.include_router(
         dashboard_router(ctx, refresh_seconds), dependencies=[Depends(authenticated)]
     )
+    if ingest is not None:
+        app.include_router(
+            stow_router(ingest, ingest.engine, metrics, stow_max_bytes),
+            dependencies=[Depends(authenticated)],
+        )
     return app

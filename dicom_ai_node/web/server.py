@@ -14,6 +14,7 @@ import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DestinationSettings
+from dicom_ai_node.receive.ingest import Ingest
 from dicom_ai_node.web.app import create_app
 from dicom_ai_node.web.metrics import NodeMetrics
 
@@ -28,7 +29,8 @@ class HttpServer:
     The token is ``token``, else ``$DICOM_AI_NODE_HTTP_TOKEN``, else a random one made now
     (``token_generated`` is then true, and :attr:`login_url` is what to print).
     ``health`` returns the node's problems (none = healthy), for ``/healthz``; reads go
-    through ``read_sessions`` when given (the node's read-only sessions).
+    through ``read_sessions`` when given (the node's read-only sessions). ``ingest`` and
+    ``stow_max_bytes`` enable STOW-RS (see :mod:`.stow`).
     """
 
     def __init__(
@@ -44,6 +46,8 @@ class HttpServer:
         destinations: Sequence[DestinationSettings] = (),
         node_name: str = "",
         refresh_seconds: int = 15,
+        ingest: Ingest | None = None,
+        stow_max_bytes: int = 2**31,
     ) -> None:
         configured = token or os.environ.get(TOKEN_ENV, "")
         self.token_generated = not configured
@@ -59,6 +63,8 @@ class HttpServer:
             destinations=destinations,
             node_name=node_name,
             refresh_seconds=refresh_seconds,
+            ingest=ingest,
+            stow_max_bytes=stow_max_bytes,
         )
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
