@@ -245,3 +245,32 @@ class Event(Base):
     association_id: Mapped[str | None] = mapped_column(String(36), default=None)
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class PerformedStep(Base):
+    """A Modality Performed Procedure Step the node was told of (PS3.4 Annex F): N-CREATE
+    makes it ``IN PROGRESS``, N-SET ends it ``COMPLETED`` or ``DISCONTINUED``."""
+
+    __tablename__ = "performed_steps"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PerformedSeries(Base):
+    """A series a performed step lists (its Performed Series Sequence) with the instances
+    the step says it holds; ``completed_generation`` is the generation this listing completed
+    (it completes a series once: later instances fall back to the stable time)."""
+
+    __tablename__ = "performed_series"
+
+    step_uid: Mapped[str] = mapped_column(
+        ForeignKey("performed_steps.sop_instance_uid"), primary_key=True
+    )
+    series_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    sop_instance_uids: Mapped[list[str]] = mapped_column(default=list)
+    completed_generation: Mapped[int | None] = mapped_column(Integer, default=None)

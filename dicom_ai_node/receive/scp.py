@@ -1,4 +1,5 @@
-"""The Storage SCP (PS3.4 Annex B) and Verification SCP (PS3.4 Annex A).
+"""The Storage SCP (PS3.4 Annex B), Verification SCP (PS3.4 Annex A) and Modality Performed
+Procedure Step SCP (PS3.4 Annex F, see :mod:`.mpps`).
 
 The C-STORE handler runs on the association's own thread and only does I/O: it hands the
 data set as received to :class:`~dicom_ai_node.receive.ingest.Ingest` (spool, fsync, job log)
@@ -27,13 +28,15 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.association import Association as PynetdicomAssociation
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_STORE, N_CREATE, N_SET
+from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DicomSettings
 from dicom_ai_node.receive.access import AddressPolicy
 from dicom_ai_node.receive.ingest import STATUS_SUCCESS, Ingest
+from dicom_ai_node.receive.mpps import STATUS_PROCESSING_FAILURE, PerformedSteps, StepRefusedError
 from dicom_ai_node.receive.record import close_association, open_association
 from dicom_ai_node.spool import Spool
 from dicom_ai_node.tls import TlsAE, server_context
@@ -113,6 +116,7 @@ class StorageSCP:
             extra_keywords=extra_keywords,
             on_floor=metrics.spool_below_floor if metrics is not None else None,
         )
+        self.steps = PerformedSteps(sessions)
         self._associations: dict[int, _AssociationInfo] = {}
         self._lock = threading.Lock()
         self._server: Any = None
@@ -135,6 +139,7 @@ class StorageSCP:
         for context in AllStoragePresentationContexts + VerificationPresentationContexts:
             assert context.abstract_syntax is not None
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(ModalityPerformedProcedureStep)
         return ae
 
     @property
@@ -154,6 +159,8 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_CREATE, self._on_n_create),
+            (evt.EVT_N_SET, self._on_n_set),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_ended, ["released"]),
             (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
@@ -336,6 +343,45 @@ class StorageSCP:
                 info.calling_ae_title if info else "", stored.status, stored.size
             )
         return STATUS_SUCCESS if stored.ok else _status(stored.status, stored.reason)
+
+    def _on_n_create(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
+        """MPPS N-CREATE (PS3.4 F.7.2.1): record a step in progress."""
+        request = cast(N_CREATE, event.request)
+        asked = str(request.AffectedSOPInstanceUID or "").rstrip("\0 ") or None
+        calling = event.assoc.requestor.ae_title
+        try:
+            uid, attributes = self.steps.create(asked, calling, event.attribute_list)
+        except StepRefusedError as exc:
+            return self._refused_step("N-CREATE", asked, exc), None
+        except Exception:
+            log.exception("MPPS N-CREATE from %s: cannot record it", calling)
+            return StepRefusedError(
+                STATUS_PROCESSING_FAILURE, "job log unavailable"
+            ).as_status(), None
+        if asked is None:
+            attributes.AffectedSOPInstanceUID = uid  # PS3.7 10.1.5.1.4
+        return STATUS_SUCCESS, attributes
+
+    def _on_n_set(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
+        """MPPS N-SET (PS3.4 F.7.2.2): update, complete or discontinue a step."""
+        request = cast(N_SET, event.request)
+        uid = str(request.RequestedSOPInstanceUID or "").rstrip("\0 ")
+        calling = event.assoc.requestor.ae_title
+        try:
+            attributes = self.steps.update(uid, calling, event.modification_list)
+        except StepRefusedError as exc:
+            return self._refused_step("N-SET", uid, exc), None
+        except Exception:
+            log.exception("MPPS N-SET from %s: cannot record it", calling)
+            return StepRefusedError(
+                STATUS_PROCESSING_FAILURE, "job log unavailable"
+            ).as_status(), None
+        return STATUS_SUCCESS, attributes
+
+    @staticmethod
+    def _refused_step(operation: str, uid: str | None, exc: StepRefusedError) -> Dataset:
+        log.warning("MPPS %s of %s refused (0x%04X): %s", operation, uid, exc.status, exc.reason)
+        return exc.as_status()
 
     def space_left(self) -> bool:
         """Whether the spool has more free space than the floor (see :class:`Ingest`)."""
