@@ -24,7 +24,7 @@ from typing import Any
 from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_ai_node.config import ConfigError, TlsSettings
+from dicom_ai_node.config import ConfigError, PeerSettings, TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,16 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
             return
         connection.settimeout(None)
         super().process_request_thread(connection, client_address)
+
+
+def peer_context(peer: PeerSettings, section: str) -> ssl.SSLContext | None:
+    """The client context for a configured peer (``None`` without TLS); certificates are read
+    now, so a missing file is a configuration error naming ``section.name``."""
+    if not peer.tls:
+        return None
+    return client_context(
+        f"{section}.{peer.name}", peer.ca_certificates, peer.certificate, peer.private_key
+    )
 
 
 class TlsAE(AE):

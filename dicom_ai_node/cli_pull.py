@@ -1,0 +1,129 @@
+"""``dicom-ai-node run``: pull studies from a configured source into the node (Query/Retrieve)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+
+from dicom_ai_node.config import ConfigError, Settings, SourceSettings, load_settings
+
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _source(settings: Settings, name: str | None) -> SourceSettings:
+    if not settings.sources:
+        raise ConfigError("sources: none configured; add a [[sources]] table")
+    if name is None:
+        return settings.sources[0]
+    for source in settings.sources:
+        if source.name == name:
+            return source
+    known = ", ".join(s.name for s in settings.sources)
+    raise ConfigError(f"sources: no source named {name!r} (known: {known})")
+
+
+def run(
+    route: Annotated[str, typer.Option(help="The route the studies are pulled for.")],
+    study: Annotated[
+        str | None, typer.Option(help="Study Instance UID to retrieve.", show_default=False)
+    ] = None,
+    since: Annotated[
+        datetime | None,
+        typer.Option(help="Retrieve the studies of this date or later.", formats=["%Y-%m-%d"]),
+    ] = None,
+    modality: Annotated[
+        str | None, typer.Option(help="With --since: only studies with this modality.")
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option(help="The [[sources]] name (default: the first).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Configuration file.")
+    ] = None,
+) -> None:
+    """Query a PACS for studies and retrieve them into the node (C-FIND, then C-MOVE to the
+    node's listener or C-GET); the running node completes and routes them as it does any
+    study it is sent."""
+    from dicom_ai_node.jobs.db import create_db_engine, upgrade
+    from dicom_ai_node.jobs.store import add_event
+    from dicom_ai_node.receive.ingest import Ingest
+    from dicom_ai_node.retrieve import Retrieved, RetrieveError, Retriever, retrieve_studies
+    from dicom_ai_node.spool import Spool
+
+    if (study is None) == (since is None):
+        err.print("[red]give either --study UID or --since DATE[/red]")
+        raise typer.Exit(2)
+    try:
+        settings = load_settings(config)
+        pacs = _source(settings, source)
+        if route not in {r.name for r in settings.routes}:
+            known = ", ".join(r.name for r in settings.routes) or "none"
+            raise ConfigError(f"routes: no route named {route!r} (known: {known})")
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
+    upgrade(engine)
+    ingest = Ingest(
+        Spool(settings.storage.data_dir),
+        engine,
+        max_instance_bytes=int(settings.dicom.max_instance_mb * 2**20),
+        min_free_bytes=settings.storage.min_free_mb * 2**20,
+    )
+    retriever = Retriever(pacs, settings.dicom.ae_title, ingest)
+    day: date | None = since.date() if since else None
+    try:
+        matches = retriever.find(study, day, modality)
+    except RetrieveError as exc:
+        err.print(f"[red]{pacs.name}:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if not matches:
+        what = f"study {study}" if study else f"study since {day}"
+        err.print(
+            f"[red]{pacs.name} holds no {what}{f' with {modality}' if modality else ''}[/red]"
+        )
+        raise typer.Exit(1)
+    failed: list[Retrieved] = []
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err
+    ) as progress:
+        tasks: dict[str, TaskID] = {
+            m.study_instance_uid: progress.add_task(m.study_instance_uid[-24:], total=m.instances)
+            for m in matches
+        }
+
+        def advanced(uid: str, done: int, total: int) -> None:
+            progress.update(tasks[uid], completed=done, total=total)
+
+        def finished(outcome: Retrieved) -> None:
+            done = outcome.completed + outcome.warning
+            progress.update(tasks[outcome.study_instance_uid], completed=done)
+            if not outcome.ok:
+                failed.append(outcome)
+            with engine.begin() as connection:
+                add_event(
+                    connection,
+                    "retrieved" if outcome.ok else "retrieve_failed",
+                    f"{pacs.retrieve.upper()} from {pacs.name} for route {route}: "
+                    f"{outcome.completed} instances"
+                    + (f", {outcome.failed} failed: {outcome.error}" if not outcome.ok else ""),
+                    study=outcome.study_instance_uid,
+                    route=route,
+                    source=pacs.name,
+                )
+
+        retrieve_studies(retriever, matches, advanced, finished)
+    for outcome in failed:
+        err.print(f"[red]failed[/red] {outcome.study_instance_uid}: {outcome.error}")
+    console.print(
+        f"retrieved {len(matches) - len(failed)} of {len(matches)} studies from {pacs.name}"
+    )
+    engine.dispose()
+    if failed:
+        raise typer.Exit(1)
