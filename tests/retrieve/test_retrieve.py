@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from pydicom.uid import generate_uid
@@ -66,7 +67,7 @@ def on_node(node: Node, sops: list[str]) -> set[str]:
         return {row.sop_instance_uid for row in rows if Path(row.path).is_file()}
 
 
-def source(pacs: Orthanc, retrieve: str = "move") -> SourceSettings:
+def source(pacs: Orthanc, retrieve: Literal["move", "get"] = "move") -> SourceSettings:
     return SourceSettings(
         name="pacs", ae_title=pacs.aet, host="127.0.0.1", port=pacs.dicom_port, retrieve=retrieve
     )
