@@ -1,4 +1,5 @@
-"""The ``dicom-ai-node`` command: serve, send, run, jobs, models, synth, train, evaluate, demo."""
+"""The ``dicom-ai-node`` command: serve, send, run, export, jobs, models, synth, train,
+evaluate, demo."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ app.command("train")(cli_ml.train)
 app.command("evaluate")(cli_ml.evaluate)
 app.command("demo")(demo)
 app.command("run")(cli_pull.run)
+app.command("export")(cli_pull.export)
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)

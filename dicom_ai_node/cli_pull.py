@@ -1,4 +1,5 @@
-"""``dicom-ai-node run``: pull studies from a configured source into the node (Query/Retrieve)."""
+"""``dicom-ai-node run`` (pull studies from a configured source into the node, Query/Retrieve)
+and ``dicom-ai-node export`` (de-identified training data out of it)."""
 
 from __future__ import annotations
 
@@ -127,3 +128,54 @@ def run(
     engine.dispose()
     if failed:
         raise typer.Exit(1)
+
+
+def export(
+    out: Annotated[Path, typer.Argument(help="Folder to write (class sub-folders).")],
+    route: Annotated[str, typer.Option(help="Export the images of this route's jobs.")],
+    since: Annotated[
+        datetime, typer.Option(help="Jobs finished on this date or later.", formats=["%Y-%m-%d"])
+    ],
+    deidentify: Annotated[
+        bool, typer.Option("--deidentify", help="Required: exports are always de-identified.")
+    ] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Configuration file.")
+    ] = None,
+) -> None:
+    """Write the received images of a route's finished jobs, de-identified (PS3.15 Annex E
+    Basic Profile, Retain Longitudinal Temporal Information, Clean Descriptors), into
+    OUT/<label>/, the layout `train --data OUT` reads; the pseudonym map stays in the job log."""
+    from datetime import UTC
+
+    from dicom_ai_node.export import export_jobs
+    from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
+
+    if not deidentify:
+        err.print("[red]exports carry no identities: pass --deidentify[/red]")
+        raise typer.Exit(2)
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if route not in {r.name for r in settings.routes}:
+        err.print(f"[red]configuration error:[/red] routes: no route named {route!r}")
+        raise typer.Exit(2)
+    engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
+    upgrade(engine)
+    with Progress(TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), console=err) as bar:
+        task = bar.add_task("export", total=None)
+        with session_factory(engine).begin() as session:
+            done = export_jobs(
+                session,
+                route,
+                since.replace(tzinfo=UTC),
+                out,
+                lambda n: bar.advance(task, n),
+            )
+    engine.dispose()
+    for sop, why in done.skipped.items():
+        err.print(f"[yellow]left out[/yellow] {sop}: {why}")
+    labels = ", ".join(f"{label} {count}" for label, count in sorted(done.files.items()))
+    console.print(f"exported {sum(done.files.values())} images to {out} ({labels or 'none'})")

@@ -274,3 +274,16 @@ class PerformedSeries(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
     sop_instance_uids: Mapped[list[str]] = mapped_column(default=list)
     completed_generation: Mapped[int | None] = mapped_column(Integer, default=None)
+
+
+class Pseudonym(Base):
+    """What a de-identified export replaced an original with (PS3.15 Annex E): ``uid``
+    pseudonyms are new UIDs, ``patient`` ones stand for a Patient ID. Kept here, never in
+    the export, so that exports agree and an authorised user can re-identify."""
+
+    __tablename__ = "pseudonyms"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    original: Mapped[str] = mapped_column(String(64), primary_key=True)
+    pseudonym: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

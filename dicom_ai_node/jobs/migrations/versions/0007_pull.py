@@ -1,4 +1,5 @@
-"""performed_steps and performed_series: MPPS (PS3.4 Annex F) completes series
+"""performed_steps and performed_series (MPPS, PS3.4 Annex F, completes series); pseudonyms
+(the map of de-identified exports)
 
 Revision ID: 0007
 Revises: 0003
@@ -39,9 +40,19 @@ def upgrade() -> None:
     op.create_index(
         "ix_performed_series_series_instance_uid", "performed_series", ["series_instance_uid"]
     )
+    op.create_table(
+        "pseudonyms",
+        sa.Column("kind", sa.String(length=16), nullable=False),
+        sa.Column("original", sa.String(length=64), nullable=False),
+        sa.Column("pseudonym", sa.String(length=64), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("kind", "original"),
+        sa.UniqueConstraint("pseudonym"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("pseudonyms")
     op.drop_index("ix_performed_series_series_instance_uid", table_name="performed_series")
     op.drop_table("performed_series")
     op.drop_table("performed_steps")
