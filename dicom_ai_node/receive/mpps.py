@@ -15,6 +15,8 @@ ended, 0x0110 when the attribute list cannot be read or the job log fails.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -117,6 +119,20 @@ class PerformedSteps:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
 
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        """A job-log transaction; a failure of the job log itself is refused with 0x0110."""
+        try:
+            with self.sessions.begin() as session:
+                yield session
+        except StepRefusedError:
+            raise
+        except Exception as exc:
+            log.exception("MPPS: cannot record a step in the job log")
+            raise StepRefusedError(
+                STATUS_PROCESSING_FAILURE, f"job log unavailable: {type(exc).__name__}"
+            ) from exc
+
     def create(self, uid: str | None, calling_ae_title: str, ds: Dataset) -> tuple[str, Dataset]:
         """N-CREATE: a new step, which must be ``IN PROGRESS`` (PS3.4 F.7.2.1.2). Returns
         its SOP Instance UID (made here when the request had none) and the attribute list
@@ -128,7 +144,7 @@ class PerformedSteps:
                 f"a new step must be {IN_PROGRESS}, not {step.status or 'empty'}",
             )
         uid = uid or generate_uid()
-        with self.sessions.begin() as session:
+        with self._transaction() as session:
             if session.get(PerformedStep, uid) is not None:
                 raise StepRefusedError(STATUS_DUPLICATE_SOP_INSTANCE, f"step {uid} exists")
             session.add(
@@ -147,7 +163,7 @@ class PerformedSteps:
         """N-SET: change a step that is ``IN PROGRESS`` (PS3.4 F.7.2.2.2). Returns the
         attribute list to answer with. Raises :class:`StepRefusedError`."""
         step = read_step(ds)
-        with self.sessions.begin() as session:
+        with self._transaction() as session:
             row = session.get(PerformedStep, uid)
             if row is None:
                 raise StepRefusedError(STATUS_NO_SUCH_SOP_INSTANCE, f"no step {uid}")

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_ai_node.config import DicomSettings
 from dicom_ai_node.receive.access import AddressPolicy
 from dicom_ai_node.receive.ingest import STATUS_SUCCESS, Ingest
-from dicom_ai_node.receive.mpps import STATUS_PROCESSING_FAILURE, PerformedSteps, StepRefusedError
+from dicom_ai_node.receive.mpps import PerformedSteps, StepRefusedError
 from dicom_ai_node.receive.record import close_association, open_association
 from dicom_ai_node.spool import Spool
 from dicom_ai_node.tls import TlsAE, server_context
@@ -353,11 +353,6 @@ class StorageSCP:
             uid, attributes = self.steps.create(asked, calling, event.attribute_list)
         except StepRefusedError as exc:
             return self._refused_step("N-CREATE", asked, exc), None
-        except Exception:
-            log.exception("MPPS N-CREATE from %s: cannot record it", calling)
-            return StepRefusedError(
-                STATUS_PROCESSING_FAILURE, "job log unavailable"
-            ).as_status(), None
         if asked is None:
             attributes.AffectedSOPInstanceUID = uid  # PS3.7 10.1.5.1.4
         return STATUS_SUCCESS, attributes
@@ -371,11 +366,6 @@ class StorageSCP:
             attributes = self.steps.update(uid, calling, event.modification_list)
         except StepRefusedError as exc:
             return self._refused_step("N-SET", uid, exc), None
-        except Exception:
-            log.exception("MPPS N-SET from %s: cannot record it", calling)
-            return StepRefusedError(
-                STATUS_PROCESSING_FAILURE, "job log unavailable"
-            ).as_status(), None
         return STATUS_SUCCESS, attributes
 
     @staticmethod

@@ -106,15 +106,20 @@ def ct_series(count: int, images_in_acquisition: int | None = None) -> list[Data
     return images
 
 
+def listing(images: list[Dataset]) -> tuple[str, str, dict[str, list[str]]]:
+    """(study, series, the Performed Series listing) of one series' images."""
+    study, series = images[0].StudyInstanceUID, images[0].SeriesInstanceUID
+    return study, series, {series: [ds.SOPInstanceUID for ds in images]}
+
+
 def test_completed_step_completes_its_series_once_all_listed_instances_are_in(
     node: Node, assoc: Association
 ) -> None:
     images = ct_series(3)
-    study, series = images[0].StudyInstanceUID, images[0].SeriesInstanceUID
+    study, series, listed = listing(images)
     uid = generate_uid()
     assert create(assoc, uid, step("IN PROGRESS", study)) == 0x0000
     store(assoc, images[:2])
-    listed = {series: [ds.SOPInstanceUID for ds in images]}
     assert update(assoc, uid, step("COMPLETED", study, listed)).Status == 0x0000
     # The step says three; two are in: the series waits (here, while the association is open).
     store(assoc, images[2:])
@@ -126,11 +131,10 @@ def test_discontinued_step_is_recorded_and_completes_nothing(
     node: Node, assoc: Association
 ) -> None:
     images = ct_series(2)
-    study, series = images[0].StudyInstanceUID, images[0].SeriesInstanceUID
+    study, series, listed = listing(images)
     uid = generate_uid()
     store(assoc, images)
     assert create(assoc, uid, step("IN PROGRESS", study)) == 0x0000
-    listed = {series: [ds.SOPInstanceUID for ds in images]}
     assert update(assoc, uid, step("DISCONTINUED", study, listed)).Status == 0x0000
     with node.sessions() as session:
         kinds = session.scalars(
