@@ -11,22 +11,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
-from dicom_ai_node.config import ConfigError, Settings, SourceSettings, load_settings
+from dicom_ai_node.config import ConfigError, load_settings
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
-
-
-def _source(settings: Settings, name: str | None) -> SourceSettings:
-    if not settings.sources:
-        raise ConfigError("sources: none configured; add a [[sources]] table")
-    if name is None:
-        return settings.sources[0]
-    for source in settings.sources:
-        if source.name == name:
-            return source
-    known = ", ".join(s.name for s in settings.sources)
-    raise ConfigError(f"sources: no source named {name!r} (known: {known})")
 
 
 def run(
@@ -52,9 +40,8 @@ def run(
     node's listener or C-GET); the running node completes and routes them as it does any
     study it is sent."""
     from dicom_ai_node.jobs.db import create_db_engine, upgrade
-    from dicom_ai_node.jobs.store import add_event
     from dicom_ai_node.receive.ingest import Ingest
-    from dicom_ai_node.retrieve import Retrieved, RetrieveError, Retriever, retrieve_studies
+    from dicom_ai_node.retrieve import Retrieved, RetrieveError, Sources, retrieve_studies
     from dicom_ai_node.spool import Spool
 
     if (study is None) == (since is None):
@@ -62,10 +49,6 @@ def run(
         raise typer.Exit(2)
     try:
         settings = load_settings(config)
-        pacs = _source(settings, source)
-        if route not in {r.name for r in settings.routes}:
-            known = ", ".join(r.name for r in settings.routes) or "none"
-            raise ConfigError(f"routes: no route named {route!r} (known: {known})")
     except ConfigError as exc:
         err.print(f"[red]configuration error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -77,18 +60,27 @@ def run(
         max_instance_bytes=int(settings.dicom.max_instance_mb * 2**20),
         min_free_bytes=settings.storage.min_free_mb * 2**20,
     )
-    retriever = Retriever(pacs, settings.dicom.ae_title, ingest)
+    sources = Sources(
+        tuple(settings.sources),
+        frozenset(r.name for r in settings.routes),
+        settings.dicom.ae_title,
+        ingest,
+    )
+    try:
+        retriever = sources.retriever(route, source)
+    except LookupError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    pacs = retriever.source.name
     day: date | None = since.date() if since else None
     try:
         matches = retriever.find(study, day, modality)
     except RetrieveError as exc:
-        err.print(f"[red]{pacs.name}:[/red] {exc}")
+        err.print(f"[red]{pacs}:[/red] {exc}")
         raise typer.Exit(1) from None
     if not matches:
         what = f"study {study}" if study else f"study since {day}"
-        err.print(
-            f"[red]{pacs.name} holds no {what}{f' with {modality}' if modality else ''}[/red]"
-        )
+        err.print(f"[red]{pacs} holds no {what}{f' with {modality}' if modality else ''}[/red]")
         raise typer.Exit(1)
     failed: list[Retrieved] = []
     with Progress(
@@ -107,24 +99,11 @@ def run(
             progress.update(tasks[outcome.study_instance_uid], completed=done)
             if not outcome.ok:
                 failed.append(outcome)
-            with engine.begin() as connection:
-                add_event(
-                    connection,
-                    "retrieved" if outcome.ok else "retrieve_failed",
-                    f"{pacs.retrieve.upper()} from {pacs.name} for route {route}: "
-                    f"{outcome.completed} instances"
-                    + (f", {outcome.failed} failed: {outcome.error}" if not outcome.ok else ""),
-                    study=outcome.study_instance_uid,
-                    route=route,
-                    source=pacs.name,
-                )
 
-        retrieve_studies(retriever, matches, advanced, finished)
+        retrieve_studies(retriever, matches, route, engine, advanced, finished)
     for outcome in failed:
         err.print(f"[red]failed[/red] {outcome.study_instance_uid}: {outcome.error}")
-    console.print(
-        f"retrieved {len(matches) - len(failed)} of {len(matches)} studies from {pacs.name}"
-    )
+    console.print(f"retrieved {len(matches) - len(failed)} of {len(matches)} studies from {pacs}")
     engine.dispose()
     if failed:
         raise typer.Exit(1)

@@ -33,6 +33,7 @@ from dicom_ai_node.jobs.store import add_event, upsert
 from dicom_ai_node.jobs.worker import LeaseLostError, PermanentJobError, Worker
 from dicom_ai_node.receive.record import close_stale_associations, reindex
 from dicom_ai_node.receive.scp import StorageSCP
+from dicom_ai_node.retrieve import Sources
 from dicom_ai_node.route import plan_series, plan_study
 from dicom_ai_node.spool import Spool
 from dicom_ai_node.spool.retention import prune
@@ -157,6 +158,12 @@ class Node:
             node_name=settings.node_name,
             ingest=self.scp.ingest,
             stow_max_bytes=int(settings.http.stow_max_mb * 2**20),
+            sources=Sources(
+                tuple(settings.sources),
+                frozenset(route.name for route in settings.routes),
+                settings.dicom.ae_title,
+                self.scp.ingest,
+            ),
         )
         self.notifier = Notifier(
             self.sessions,

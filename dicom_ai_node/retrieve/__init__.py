@@ -12,7 +12,8 @@ level by Study Instance UID, or by Study Date range and Modalities in Study);
 
 Either way durability, duplicates and the job log apply, and the assembler completes and
 routes what arrives like anything pushed. :func:`retrieve_studies` retrieves several studies
-with at most ``max_associations`` at once and paces them to ``max_instances_per_second``.
+with at most ``max_associations`` at once, paces them to ``max_instances_per_second`` and
+records each in the job log.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
+from sqlalchemy import Engine
 
 from dicom_ai_node.config import SourceSettings
+from dicom_ai_node.jobs.store import add_event
 from dicom_ai_node.receive.ingest import Ingest
 from dicom_ai_node.tls import peer_context
 
@@ -280,26 +283,65 @@ class Pace:
 def retrieve_studies(
     retriever: Retriever,
     studies: Sequence[StudyMatch],
+    route: str,
+    engine: Engine,
     on_progress: Progress | None = None,
     on_done: Callable[[Retrieved], None] | None = None,
 ) -> list[Retrieved]:
-    """Retrieve ``studies`` with the source's throttling; outcomes in the studies' order."""
-    pace = Pace(retriever.source.max_instances_per_second)
+    """Retrieve ``studies`` for ``route`` with the source's throttling; each outcome is a
+    ``retrieved`` or ``retrieve_failed`` event in the job log. Outcomes in the studies' order."""
+    source = retriever.source
+    pace = Pace(source.max_instances_per_second)
 
     def one(study: StudyMatch) -> Retrieved:
         pace.wait(study.instances or 1)
         outcome = retriever.retrieve(study.study_instance_uid, on_progress)
-        log.info(
-            "retrieve %s from %s: %s, %d completed, %d failed",
-            study.study_instance_uid,
-            retriever.source.name,
-            "ok" if outcome.ok else outcome.error,
-            outcome.completed,
-            outcome.failed,
+        summary = f"C-{source.retrieve.upper()} from {source.name} for route {route}: " + (
+            f"{outcome.completed} instances"
+            if outcome.ok
+            else f"{outcome.completed} instances, {outcome.failed} failed: {outcome.error}"
         )
+        log.info("retrieve %s: %s", study.study_instance_uid, summary)
+        try:
+            with engine.begin() as connection:
+                add_event(
+                    connection,
+                    "retrieved" if outcome.ok else "retrieve_failed",
+                    summary,
+                    study=study.study_instance_uid,
+                    route=route,
+                    source=source.name,
+                )
+        except Exception:
+            log.exception("cannot record a retrieve in the job log")
         if on_done is not None:
             on_done(outcome)
         return outcome
 
-    with ThreadPoolExecutor(retriever.source.max_associations, "retrieve") as pool:
+    with ThreadPoolExecutor(source.max_associations, "retrieve") as pool:
         return list(pool.map(one, studies))
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The configured ``[[sources]]`` and ``routes`` names, pulled into ``ingest`` as the
+    node's ``ae_title`` (what ``run`` and ``POST /api/pull`` use)."""
+
+    sources: tuple[SourceSettings, ...]
+    routes: frozenset[str]
+    ae_title: str
+    ingest: Ingest
+
+    def retriever(self, route: str, name: str | None = None) -> Retriever:
+        """The retriever of source ``name`` (the first when ``None``) for a known ``route``;
+        raises ``LookupError`` naming what is unknown."""
+        if route not in self.routes:
+            known = ", ".join(sorted(self.routes)) or "none"
+            raise LookupError(f"routes: no route named {route!r} (known: {known})")
+        if not self.sources:
+            raise LookupError("sources: none configured; add a [[sources]] table")
+        for source in self.sources:
+            if name is None or source.name == name:
+                return Retriever(source, self.ae_title, self.ingest)
+        known = ", ".join(s.name for s in self.sources)
+        raise LookupError(f"sources: no source named {name!r} (known: {known})")

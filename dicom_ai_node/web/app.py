@@ -11,10 +11,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_ai_node import __version__
 from dicom_ai_node.config import DestinationSettings
 from dicom_ai_node.receive.ingest import Ingest
+from dicom_ai_node.retrieve import Sources
 from dicom_ai_node.web.api import WebContext, api_router, public_router
 from dicom_ai_node.web.auth import AuthError, TokenAuth
 from dicom_ai_node.web.dashboard import dashboard_router, login_page
 from dicom_ai_node.web.metrics import NodeMetrics
+from dicom_ai_node.web.pull import pull_router
 from dicom_ai_node.web.stow import stow_router
 
 
@@ -30,11 +32,13 @@ def create_app(
     refresh_seconds: int = 15,
     ingest: Ingest | None = None,
     stow_max_bytes: int = 2**31,
+    sources: Sources | None = None,
 ) -> FastAPI:
     """The app of one node. The OpenAPI schema is at ``/openapi.json``; the interactive
     docs are off, as they load scripts from a CDN that a hospital network may not reach.
     Pages and API reads use ``read_sessions`` (which on SQLite take no write lock) when
-    given. With ``ingest``, ``/dicomweb/studies`` takes instances by STOW-RS into it."""
+    given. With ``ingest``, ``/dicomweb/studies`` takes instances by STOW-RS into it;
+    with ``sources``, ``/api/pull`` retrieves studies from them."""
     auth = TokenAuth(token)
     ctx = WebContext(sessions, read_sessions or sessions, health, metrics, destinations, node_name)
     app = FastAPI(
@@ -67,5 +71,9 @@ def create_app(
         app.include_router(
             stow_router(ingest, ingest.engine, metrics, stow_max_bytes),
             dependencies=[Depends(authenticated)],
+        )
+    if sources is not None:
+        app.include_router(
+            pull_router(sources, sources.ingest.engine), dependencies=[Depends(authenticated)]
         )
     return app

@@ -11,6 +11,7 @@ from datetime import date
 from pathlib import Path
 from typing import Literal
 
+import httpx
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -19,18 +20,28 @@ from dicom_ai_node.config import SourceSettings
 from dicom_ai_node.jobs.models import Event, Instance
 from dicom_ai_node.node import Node
 from dicom_ai_node.retrieve import Retriever, retrieve_studies
-from tests.support.helpers import free_port, instance, make_settings, write
+from tests.support.helpers import free_port, instance, make_settings, wait_for, write
+from tests.support.joblog import TOKEN
 from tests.support.orthanc import Orthanc, running_orthanc
 
 pytestmark = pytest.mark.peers
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+def pacs_port() -> int:
+    """Orthanc's DICOM port, known before the node starts (its [[sources]] entry)."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, pacs_port: int) -> Iterator[Node]:
     settings = make_settings(
         tmp_path_factory.mktemp("retrieve"),
         dicom={"bind": "127.0.0.1", "port": free_port()},
+        http={"token": TOKEN},
         assemble={"stable_seconds": 3600},
+        routes=[{"name": "ct", "model": "head-ct-hemorrhage-demo", "where": {"Modality": "XA"}}],
+        sources=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}],
     )
     running = Node(settings, models={})
     running.start()
@@ -39,11 +50,12 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
 
 
 @pytest.fixture(scope="module")
-def pacs(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+def pacs(node: Node, tmp_path_factory: pytest.TempPathFactory, pacs_port: int) -> Iterator[Orthanc]:
     with running_orthanc(
         tmp_path_factory.mktemp("pacs"),
         {"ainode": (node.settings.dicom.ae_title, "127.0.0.1", node.scp.port)},
         config={"DicomAlwaysAllowMove": True},  # a move request from any AE: then its target
+        dicom_port=pacs_port,
     ) as orthanc:
         yield orthanc
 
@@ -79,7 +91,7 @@ def test_find_then_move_into_the_node(node: Node, pacs: Orthanc, tmp_path: Path)
     found = retriever.find(since=date(2026, 12, 1), modality="CT")
     assert study in {match.study_instance_uid for match in found}
     assert [m.instances for m in retriever.find(study)] == [3]
-    outcomes = retrieve_studies(retriever, found)
+    outcomes = retrieve_studies(retriever, found, "ct", node.engine)
     assert all(o.ok for o in outcomes), outcomes
     assert on_node(node, sops) == set(sops)  # the move returns once every sub-operation did
 
@@ -88,7 +100,7 @@ def test_get_stores_through_the_ingest(node: Node, pacs: Orthanc, tmp_path: Path
     _, sops = upload_study(pacs, tmp_path, 2, modality="MR")
     retriever = Retriever(source(pacs, "get"), node.settings.dicom.ae_title, node.scp.ingest)
     found = retriever.find(since=date(2026, 12, 1), modality="MR")
-    (outcome,) = retrieve_studies(retriever, found)
+    (outcome,) = retrieve_studies(retriever, found, "ct", node.engine)
     assert (outcome.ok, outcome.completed) == (True, 2)
     assert on_node(node, sops) == set(sops)
 
@@ -140,3 +152,21 @@ def test_run_command_moves_a_study_and_records_it(
             select(Event).where(Event.kind == "retrieved", Event.study_instance_uid == study)
         ).one()
     assert event.data["route"] == "ct"
+
+
+def test_api_pulls_in_the_background(node: Node, pacs: Orthanc, tmp_path: Path) -> None:
+    study, sops = upload_study(pacs, tmp_path, 2)
+    api = httpx.Client(
+        base_url=f"http://127.0.0.1:{node.http.port}",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    pulled = api.post("/api/pull", json={"route": "ct", "study": study, "source": "pacs"})
+    assert pulled.status_code == 202, pulled.text
+    assert pulled.json() == {"source": "pacs", "studies": [study]}
+    wait_for(lambda: on_node(node, sops) == set(sops), timeout=30)
+    unknown = api.post("/api/pull", json={"route": "ct", "study": generate_uid()})
+    assert unknown.status_code == 404
+    assert "holds no matching study" in unknown.json()["detail"]
+    assert api.post("/api/pull", json={"route": "nope", "study": study}).status_code == 400
+    both = {"route": "ct", "study": study, "since": "2026-12-01"}
+    assert api.post("/api/pull", json=both).status_code == 422
