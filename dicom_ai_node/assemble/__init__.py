@@ -9,7 +9,10 @@ of the ``series_complete`` event):
 - ``expected_count``: its first generation holds as many instances as the first instance's
   Images in Acquisition (0020,1002, PS3.3 C.7.6.1) says; no wait.
 - ``stable``: every association that brought instances of it has ended (released, aborted or
-  lost) and no instance of it has arrived for ``stable_seconds``: the fallback. A study
+  lost) and no instance of it has arrived for ``stable_seconds``: the fallback.
+
+A series or study pulled for a route (``requested_routes``) carries those routes, so that only
+they are applied to it. A study
 is complete when all its series are complete and it too has been quiet that long. An instance
 that arrives later reopens its series and study with a new generation; they complete again
 and are routed again, so late images produce a follow-up job instead of being lost.
@@ -17,7 +20,7 @@ and are routed again, so late images produce a follow-up job instead of being lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -29,6 +32,7 @@ from dicom_ai_node.jobs.models import (
     Instance,
     PerformedSeries,
     PerformedStep,
+    RequestedRoute,
     Series,
     SeriesState,
     Study,
@@ -50,6 +54,8 @@ class CompletedSeries:
     instance_count: int
     attributes: dict[str, Any] = field(default_factory=dict)
     rule: CompletionRule = "stable"
+    # The routes its study was pulled for (``run --route``); empty: every configured route.
+    requested_routes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,21 @@ class CompletedStudy:
     study_instance_uid: str
     generation: int
     series: tuple[CompletedSeries, ...]
+    requested_routes: tuple[str, ...] = ()
+
+
+def _requested(session: Session, studies: set[str]) -> dict[str, tuple[str, ...]]:
+    """The requested routes of each of ``studies`` that has some."""
+    found: dict[str, list[str]] = {}
+    if studies:
+        rows = session.execute(
+            select(RequestedRoute.study_instance_uid, RequestedRoute.route)
+            .where(RequestedRoute.study_instance_uid.in_(studies))
+            .order_by(RequestedRoute.route)
+        )
+        for study, route in rows:
+            found.setdefault(study, []).append(route)
+    return {study: tuple(routes) for study, routes in found.items()}
 
 
 def _as_completed(series: Series, rule: CompletionRule = "stable") -> CompletedSeries:
@@ -159,7 +180,8 @@ def complete_series(
         series.state = SeriesState.COMPLETE.value
         series.completed_at = now
         completed.append(_as_completed(series))
-    return completed
+    requested = _requested(session, {c.study_instance_uid for c in completed})
+    return [replace(c, requested_routes=requested.get(c.study_instance_uid, ())) for c in completed]
 
 
 def complete_studies(
@@ -179,6 +201,7 @@ def complete_studies(
         )
     ).all()
     studies = []
+    requested = _requested(session, {study.study_instance_uid for study in ready})
     for study in ready:
         study.state = SeriesState.COMPLETE.value
         members = session.scalars(
@@ -189,6 +212,7 @@ def complete_studies(
                 study_instance_uid=study.study_instance_uid,
                 generation=study.generation,
                 series=tuple(_as_completed(series) for series in members),
+                requested_routes=requested.get(study.study_instance_uid, ()),
             )
         )
     return studies

@@ -287,3 +287,14 @@ class Pseudonym(Base):
     original: Mapped[str] = mapped_column(String(64), primary_key=True)
     pseudonym: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RequestedRoute(Base):
+    """A study pulled for one route (``dicom-ai-node run --route``): its series are routed
+    by the requested routes only, not by every configured one."""
+
+    __tablename__ = "requested_routes"
+
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    route: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)

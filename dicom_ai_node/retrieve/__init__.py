@@ -10,8 +10,9 @@ level by Study Instance UID, or by Study Date range and Modalities in Study);
   (PS3.4 C.4.3) and each is stored through the same :class:`~dicom_ai_node.receive.ingest.Ingest`
   as a C-STORE.
 
-Either way durability, duplicates and the job log apply, and the assembler completes and
-routes what arrives like anything pushed. :func:`retrieve_studies` retrieves several studies
+Either way durability, duplicates and the job log apply, and the assembler completes what
+arrives like anything pushed; its series are routed by the requested route only
+(``requested_routes``). :func:`retrieve_studies` retrieves several studies
 with at most ``max_associations`` at once, paces them to ``max_instances_per_second`` and
 records each in the job log.
 """
@@ -38,7 +39,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy import Engine
 
 from dicom_ai_node.config import SourceSettings
-from dicom_ai_node.jobs.store import add_event
+from dicom_ai_node.jobs.models import RequestedRoute, utcnow
+from dicom_ai_node.jobs.store import add_event, upsert_for
 from dicom_ai_node.receive.ingest import Ingest
 from dicom_ai_node.tls import peer_context
 
@@ -280,6 +282,16 @@ class Pace:
         time.sleep(max(0.0, start - time.monotonic()))
 
 
+def request_route(engine: Engine, study_instance_uid: str, route: str) -> None:
+    """Record that ``route`` (only) is to run on the study once it is in (before the
+    retrieve, so that its first series to complete already knows)."""
+    insert = upsert_for(engine.dialect.name, RequestedRoute).values(
+        study_instance_uid=study_instance_uid, route=route, requested_at=utcnow()
+    )
+    with engine.begin() as connection:
+        connection.execute(insert.on_conflict_do_nothing())
+
+
 def retrieve_studies(
     retriever: Retriever,
     studies: Sequence[StudyMatch],
@@ -295,6 +307,7 @@ def retrieve_studies(
 
     def one(study: StudyMatch) -> Retrieved:
         pace.wait(study.instances or 1)
+        request_route(engine, study.study_instance_uid, route)
         outcome = retriever.retrieve(study.study_instance_uid, on_progress)
         summary = f"C-{source.retrieve.upper()} from {source.name} for route {route}: " + (
             f"{outcome.completed} instances"

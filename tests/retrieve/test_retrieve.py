@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_ai_node.config import SourceSettings
-from dicom_ai_node.jobs.models import Event, Instance
+from dicom_ai_node.jobs.models import Event, Instance, Job
 from dicom_ai_node.node import Node
 from dicom_ai_node.retrieve import Retriever, retrieve_studies
 from tests.support.helpers import free_port, instance, make_settings, wait_for, write
@@ -40,7 +40,10 @@ def node(tmp_path_factory: pytest.TempPathFactory, pacs_port: int) -> Iterator[N
         dicom={"bind": "127.0.0.1", "port": free_port()},
         http={"token": TOKEN},
         assemble={"stable_seconds": 3600},
-        routes=[{"name": "ct", "model": "head-ct-hemorrhage-demo", "where": {"Modality": "XA"}}],
+        routes=[
+            {"name": "ct", "model": "head-ct-hemorrhage-demo", "where": {"Modality": ["CT"]}},
+            {"name": "everything", "model": "cxr-opacity-demo"},
+        ],
         sources=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}],
     )
     running = Node(settings, models={})
@@ -66,7 +69,13 @@ def upload_study(
     """A study of ``count`` instances in the PACS: its UID and their SOP Instance UIDs."""
     study, series = generate_uid(), generate_uid()
     images = [
-        instance(study=study, series=series, Modality=modality, StudyDate="20261201")
+        instance(
+            study=study,
+            series=series,
+            Modality=modality,
+            StudyDate="20261201",
+            ImagesInAcquisition=count,  # the node completes the series as soon as all are in
+        )
         for _ in range(count)
     ]
     pacs.upload([write(ds, folder) for ds in images])
@@ -152,6 +161,16 @@ def test_run_command_moves_a_study_and_records_it(
             select(Event).where(Event.kind == "retrieved", Event.study_instance_uid == study)
         ).one()
     assert event.data["route"] == "ct"
+    # Pulled for "ct": only that route runs, not "everything" (which a pushed study gets).
+    assert wait_for(lambda: routes_of_jobs(node, study), timeout=10) == ["ct"]
+
+
+def routes_of_jobs(node: Node, study: str) -> list[str]:
+    with node.sessions() as session:
+        return [
+            str(job.route)
+            for job in session.scalars(select(Job).where(Job.study_instance_uid == study))
+        ]
 
 
 def test_api_pulls_in_the_background(node: Node, pacs: Orthanc, tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """performed_steps and performed_series (MPPS, PS3.4 Annex F, completes series); pseudonyms
-(the map of de-identified exports)
+(the map of de-identified exports); requested_routes (studies pulled for a route)
 
 Revision ID: 0007
 Revises: 0003
@@ -49,9 +49,17 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("kind", "original"),
         sa.UniqueConstraint("pseudonym"),
     )
+    op.create_table(
+        "requested_routes",
+        sa.Column("study_instance_uid", sa.String(length=64), nullable=False),
+        sa.Column("route", sa.String(length=64), nullable=False),
+        sa.Column("requested_at", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("study_instance_uid", "route"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("requested_routes")
     op.drop_table("pseudonyms")
     op.drop_index("ix_performed_series_series_instance_uid", table_name="performed_series")
     op.drop_table("performed_series")
