@@ -11,7 +11,8 @@ Sequence, each with its Failure Reason (the C-STORE status, PS3.4 B.2.3); its HT
 
 A body that is not such a multipart answers 400 (415 for another media type, or for a part
 that is not ``application/dicom``: metadata + bulk data parts are not supported), one that is
-too large 413, before anything is stored.
+too large 413, and an Accept that admits no ``application/dicom+json`` 406, before anything
+is stored.
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ def parse_content_type(value: str) -> tuple[str, str, str]:
         boundary if isinstance(boundary, str) else "",
         kind.lower() if isinstance(kind, str) else "",
     )
+
+
+def acceptable(accept: str) -> bool:
+    """Whether an Accept header (RFC 9110 12.5.1) admits the DICOM JSON response
+    (PS3.18 10.5.2: the origin server answers 406 when it cannot)."""
+    if not accept.strip():
+        return True
+    offered = {DICOM_JSON, "application/json", "application/*", "*/*"}
+    return any(item.split(";")[0].strip().lower() in offered for item in accept.split(","))
 
 
 def split_parts(body: bytes | mmap.mmap, boundary: bytes, default_type: str) -> Iterator[Part]:
@@ -166,12 +176,15 @@ def stow_router(ingest: Ingest, engine: Engine, metrics: NodeMetrics, max_bytes:
             400: {"description": "Not a multipart/related body"},
             409: {"content": {DICOM_JSON: {}}, "description": "No instance stored"},
             413: {"description": "Body larger than [http] stow_max_mb"},
+            406: {"description": "Accept admits no DICOM JSON response"},
             415: {"description": "Not application/dicom parts"},
         },
     )
     async def store_instances(request: Request) -> Response:
         """Store instances (STOW-RS, PS3.18 10.5): a ``multipart/related;
         type="application/dicom"`` body of PS3.10 instances."""
+        if not acceptable(request.headers.get("accept", "")):
+            raise HTTPException(406, f"the response is {DICOM_JSON} (XML is not offered)")
         media, boundary, kind = parse_content_type(request.headers.get("content-type", ""))
         if media != "multipart/related":
             raise HTTPException(415, f'expected multipart/related; type="{DICOM}", not {media}')

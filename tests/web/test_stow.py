@@ -133,6 +133,12 @@ def test_bad_requests_store_nothing(
     assert detail in answer.json()["detail"]
 
 
+def test_xml_only_accept_is_406(node: Node) -> None:
+    body, content_type = multipart(("application/dicom", b"x"))
+    answer = post(node, body, content_type, Accept="application/dicom+xml")
+    assert answer.status_code == 406
+
+
 def test_truncated_body_is_400(node: Node, tmp_path: Path) -> None:
     body, content_type = multipart(("application/dicom", part10(instance(), tmp_path)))
     answer = post(node, body[: body.rindex(b"\r\n--")], content_type)
