@@ -129,6 +129,7 @@ def export(
 
     from dicom_ai_node.export import export_jobs
     from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
+    from dicom_ai_node.spool import Spool
 
     if not deidentify:
         err.print("[red]exports carry no identities: pass --deidentify[/red]")
@@ -148,6 +149,7 @@ def export(
         with session_factory(engine).begin() as session:
             done = export_jobs(
                 session,
+                Spool(settings.storage.data_dir),
                 route,
                 since.replace(tzinfo=UTC),
                 out,

@@ -16,6 +16,9 @@ they are applied to it. A study
 is complete when all its series are complete and it too has been quiet that long. An instance
 that arrives later reopens its series and study with a new generation; they complete again
 and are routed again, so late images produce a follow-up job instead of being lost.
+
+Assemblers of several nodes may run at once: each locks the rows it completes and skips
+those another holds, and the job log's unique job key settles any race left.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ def _mpps_complete(session: Session) -> list[Series]:
             PerformedStep.status == COMPLETED,
             PerformedSeries.completed_generation.is_(None),
         )
+        .with_for_update(skip_locked=True, of=[Series, PerformedSeries])
     ).all()
     ready = []
     for series, listing in listed:
@@ -128,7 +132,9 @@ def _mpps_complete(session: Session) -> list[Series]:
 def _count_complete(session: Session) -> list[Series]:
     """First-generation receiving series that hold their Images in Acquisition."""
     receiving = session.scalars(
-        select(Series).where(Series.state == SeriesState.RECEIVING.value, Series.generation == 0)
+        select(Series)
+        .where(Series.state == SeriesState.RECEIVING.value, Series.generation == 0)
+        .with_for_update(skip_locked=True, of=Series)
     ).all()
     ready = []
     for series in receiving:
@@ -155,6 +161,8 @@ def _stable_complete(session: Session, now: datetime, stable_seconds: float) -> 
                 ~open_association,
             )
             .order_by(Series.last_received_at)
+            # Assemblers of other nodes skip the series this one is completing (PostgreSQL).
+            .with_for_update(skip_locked=True, of=Series)
         ).all()
     )
 
@@ -194,11 +202,13 @@ def complete_studies(
         Series.state != SeriesState.COMPLETE.value,
     )
     ready = session.scalars(
-        select(Study).where(
+        select(Study)
+        .where(
             Study.state == SeriesState.RECEIVING.value,
             Study.last_received_at <= cutoff,
             ~series_open,
         )
+        .with_for_update(skip_locked=True, of=Study)
     ).all()
     studies = []
     requested = _requested(session, {study.study_instance_uid for study in ready})

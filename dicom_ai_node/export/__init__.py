@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 
 from dicom_ai_node.jobs.models import Instance, Job, JobState, Pseudonym
 from dicom_ai_node.jobs.store import add_event
-from dicom_ai_node.spool import check_uid
+from dicom_ai_node.spool import Spool, check_uid
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +263,7 @@ class Exported:
 
 def export_jobs(
     session: Session,
+    spool: Spool,
     route: str,
     since: datetime,
     out: Path,
@@ -289,7 +290,7 @@ def export_jobs(
         ).all()
         for row in instances:
             try:
-                ds = deidentify(dcmread(row.path), pseudonyms)
+                ds = deidentify(dcmread(spool.locate(row.path)), pseudonyms)
             except (NotExportableError, OSError) as exc:
                 skipped[row.sop_instance_uid] = str(exc)
                 continue

@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import Engine
 
@@ -176,7 +175,12 @@ class Ingest:
         try:
             with self.engine.begin() as connection:
                 recorded = record_instance(
-                    connection, header, str(path), len(encoded), association_id, calling_ae_title
+                    connection,
+                    header,
+                    self.spool.stored(path),
+                    len(encoded),
+                    association_id,
+                    calling_ae_title,
                 )
         except Exception as exc:
             log.exception("%s: cannot record an instance", where)
@@ -186,7 +190,7 @@ class Ingest:
                 STATUS_OUT_OF_RESOURCES, f"job log unavailable: {type(exc).__name__}", header
             )
         if recorded.old_path is not None:
-            self.spool.remove(Path(recorded.old_path))
+            self.spool.remove(self.spool.locate(recorded.old_path))
         return Stored(STATUS_SUCCESS, header=header, size=len(encoded))
 
     def _record_refusal(self, association_id: str | None, code: int, comment: str) -> None:

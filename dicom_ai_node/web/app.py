@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -29,6 +30,7 @@ def create_app(
     metrics: NodeMetrics,
     destinations: Sequence[DestinationSettings] = (),
     node_name: str = "",
+    data_dir: Path = Path(),
     refresh_seconds: int = 15,
     ingest: Ingest | None = None,
     stow_max_bytes: int = 2**31,
@@ -40,7 +42,9 @@ def create_app(
     given. With ``ingest``, ``/dicomweb/studies`` takes instances by STOW-RS into it;
     with ``sources``, ``/api/pull`` retrieves studies from them."""
     auth = TokenAuth(token)
-    ctx = WebContext(sessions, read_sessions or sessions, health, metrics, destinations, node_name)
+    ctx = WebContext(
+        sessions, read_sessions or sessions, health, metrics, destinations, node_name, data_dir
+    )
     app = FastAPI(
         title="dicom-ai-node",
         version=__version__,

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
@@ -46,6 +47,7 @@ class HttpServer:
         token: str = "",
         destinations: Sequence[DestinationSettings] = (),
         node_name: str = "",
+        data_dir: Path = Path(),
         refresh_seconds: int = 15,
         ingest: Ingest | None = None,
         stow_max_bytes: int = 2**31,
@@ -64,6 +66,7 @@ class HttpServer:
             metrics=metrics,
             destinations=destinations,
             node_name=node_name,
+            data_dir=data_dir,
             refresh_seconds=refresh_seconds,
             ingest=ingest,
             stow_max_bytes=stow_max_bytes,

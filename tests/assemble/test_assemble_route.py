@@ -74,7 +74,7 @@ def test_series_stays_open_while_its_association_is_open(
     # once the stable time has passed, a pass of the assembler decides: the series stays open
     stable_until = time.monotonic() + 3 * node.settings.assemble.stable_seconds
     wait_for(lambda: time.monotonic() > stable_until)
-    node.assemble_once()
+    node.assembler.assemble_once()
     with node.sessions() as session:
         series = session.get(Series, datasets[0].SeriesInstanceUID)
         assert series is not None and series.state == "receiving"
@@ -141,7 +141,7 @@ def test_study_level_route_makes_one_job_for_the_whole_study(
             return study_row is not None and study_row.state == "complete"
 
     wait_for(study_complete)
-    node.assemble_once()  # a pass after everything completed: nothing is left to queue
+    node.assembler.assemble_once()  # a pass after everything completed: nothing is left to queue
     found = jobs(node)
     assert len(found) == 1
     assert (found[0].level, found[0].route, found[0].series_instance_uid) == (

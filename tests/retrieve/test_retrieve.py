@@ -85,7 +85,7 @@ def upload_study(
 def on_node(node: Node, sops: list[str]) -> set[str]:
     with node.sessions() as session:
         rows = session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(sops)))
-        return {row.sop_instance_uid for row in rows if Path(row.path).is_file()}
+        return {row.sop_instance_uid for row in rows if node.spool.locate(row.path).is_file()}
 
 
 def source(pacs: Orthanc, retrieve: Literal["move", "get"] = "move") -> SourceSettings:

@@ -66,7 +66,7 @@ def post(node: Node, body: bytes, content_type: str, **headers: str) -> httpx.Re
 def stored_uids(node: Node, study: str) -> set[str]:
     with node.sessions() as session:
         rows = session.scalars(select(Instance).where(Instance.study_instance_uid == study))
-        return {row.sop_instance_uid for row in rows if Path(row.path).is_file()}
+        return {row.sop_instance_uid for row in rows if node.spool.locate(row.path).is_file()}
 
 
 def test_instances_stored_and_referenced(node: Node, tmp_path: Path) -> None:
