@@ -10,11 +10,26 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from sqlalchemy import Engine
 
-from dicom_ai_node.config import ConfigError, load_settings
+from dicom_ai_node.config import ConfigError, Settings, load_settings
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
+
+
+def _job_log(config: Path | None) -> tuple[Settings, Engine]:
+    """The settings and the migrated job log; a configuration error exits with status 2."""
+    from dicom_ai_node.jobs.db import create_db_engine, upgrade
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
+    upgrade(engine)
+    return settings, engine
 
 
 def run(
@@ -39,7 +54,6 @@ def run(
     """Query a PACS for studies and retrieve them into the node (C-FIND, then C-MOVE to the
     node's listener or C-GET); the running node completes and routes them as it does any
     study it is sent."""
-    from dicom_ai_node.jobs.db import create_db_engine, upgrade
     from dicom_ai_node.receive.ingest import Ingest
     from dicom_ai_node.retrieve import Retrieved, RetrieveError, Sources, retrieve_studies
     from dicom_ai_node.spool import Spool
@@ -47,13 +61,7 @@ def run(
     if (study is None) == (since is None):
         err.print("[red]give either --study UID or --since DATE[/red]")
         raise typer.Exit(2)
-    try:
-        settings = load_settings(config)
-    except ConfigError as exc:
-        err.print(f"[red]configuration error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
-    upgrade(engine)
+    settings, engine = _job_log(config)
     ingest = Ingest(
         Spool(settings.storage.data_dir),
         engine,
@@ -128,22 +136,16 @@ def export(
     from datetime import UTC
 
     from dicom_ai_node.export import export_jobs
-    from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
+    from dicom_ai_node.jobs.db import session_factory
     from dicom_ai_node.spool import Spool
 
     if not deidentify:
         err.print("[red]exports carry no identities: pass --deidentify[/red]")
         raise typer.Exit(2)
-    try:
-        settings = load_settings(config)
-    except ConfigError as exc:
-        err.print(f"[red]configuration error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    settings, engine = _job_log(config)
     if route not in {r.name for r in settings.routes}:
         err.print(f"[red]configuration error:[/red] routes: no route named {route!r}")
         raise typer.Exit(2)
-    engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
-    upgrade(engine)
     with Progress(TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), console=err) as bar:
         task = bar.add_task("export", total=None)
         with session_factory(engine).begin() as session:
