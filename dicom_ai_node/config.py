@@ -172,6 +172,12 @@ class HttpSettings(_Section):
     port: int = Field(default=8080, ge=0, le=65535)
     token: str = ""
     public_url: str = Field(default="", description="Where users reach the dashboard")
+    stow_max_mb: float = Field(
+        default=2048,
+        gt=0,
+        description="Refuse larger STOW-RS request bodies (HTTP 413); one instance in it is "
+        "bounded by [dicom] max_instance_mb as over C-STORE",
+    )
 
 
 class AuditSettings(_Section):
@@ -245,8 +251,8 @@ class DispatchSettings(_Section):
     poll_seconds: float = Field(default=1.0, gt=0)
 
 
-class DestinationSettings(_Section):
-    """A DICOM peer that receives results by C-STORE."""
+class PeerSettings(_Section):
+    """A DICOM peer: its name here, AE title, address, and TLS options."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     ae_title: str = Field(pattern=_AE_TITLE)
@@ -261,13 +267,33 @@ class DestinationSettings(_Section):
     server_name: str = Field(default="", description="Name in the peer's certificate; = host")
 
     @model_validator(mode="after")
-    def _tls_options(self) -> DestinationSettings:
+    def _tls_options(self) -> PeerSettings:
         if (self.certificate is None) != (self.private_key is None):
             raise ValueError("certificate and private_key go together")
         uses_tls = self.ca_certificates or self.certificate or self.server_name
         if uses_tls and not self.tls:
             raise ValueError("TLS options given but tls = false")
         return self
+
+
+class DestinationSettings(PeerSettings):
+    """A DICOM peer that receives results by C-STORE."""
+
+
+class SourceSettings(PeerSettings):
+    """A PACS the node queries (C-FIND) and retrieves studies from (C-MOVE or C-GET).
+
+    With ``retrieve = "move"`` the PACS sends the instances to the node's own listener (it
+    must know the node's AE title, host and port as a move destination); with ``"get"`` they
+    come back on the node's own association (C-GET, PS3.4 C.4.3). A backfill is throttled:
+    at most ``max_associations`` studies retrieved at once and, on average,
+    ``max_instances_per_second`` (0 = no limit).
+    """
+
+    retrieve: Literal["move", "get"] = "move"
+    max_associations: int = Field(default=1, ge=1, le=16)
+    max_instances_per_second: float = Field(default=0, ge=0)
+    timeout: float = Field(default=600.0, gt=0, description="DIMSE timeout of a retrieve")
 
 
 class RouteSettings(_Section):
@@ -355,6 +381,7 @@ class Settings(BaseSettings):
     cluster: ClusterSettings = ClusterSettings()
     logging: LoggingSettings = LoggingSettings()
     destinations: list[DestinationSettings] = []
+    sources: list[SourceSettings] = []
     routes: list[RouteSettings] = []
     notifications: list[NotificationSettings] = []
 
@@ -364,6 +391,10 @@ class Settings(BaseSettings):
         for i, name in enumerate(names):
             if name in names[:i]:
                 raise ValueError(f"destinations: duplicate name {name!r}")
+        sources = [s.name for s in self.sources]
+        for i, name in enumerate(sources):
+            if name in sources[:i]:
+                raise ValueError(f"sources: duplicate name {name!r}")
         route_names = [r.name for r in self.routes]
         for i, route in enumerate(self.routes):
             if route.name in route_names[:i]:

@@ -32,7 +32,7 @@ from dicom_ai_node.jobs.models import (
 from dicom_ai_node.jobs.queue import transition
 from dicom_ai_node.jobs.store import add_event, upsert
 from dicom_ai_node.spool import Spool
-from dicom_ai_node.tls import client_context
+from dicom_ai_node.tls import peer_context
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +40,12 @@ log = logging.getLogger(__name__)
 def peer(destination: DestinationSettings, calling_ae_title: str) -> Peer:
     """The peer of a configured destination; its TLS context (certificates read now, so a
     missing file is a configuration error at startup, not a failed delivery later)."""
-    context = None
-    if destination.tls:
-        context = client_context(
-            f"destinations.{destination.name}",
-            destination.ca_certificates,
-            destination.certificate,
-            destination.private_key,
-        )
     return Peer(
         destination.ae_title,
         destination.host,
         destination.port,
         calling_ae_title,
-        tls=context,
+        tls=peer_context(destination, "destinations"),
         server_name=destination.server_name,
     )
 

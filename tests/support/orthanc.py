@@ -4,7 +4,9 @@
 configuration under ``root`` (storage and index there too), ``start()`` runs
 ``/usr/sbin/Orthanc`` and returns once ``/system`` answers, ``stop()`` ends it cleanly
 (SIGTERM, then SIGKILL after a timeout). ``start()`` again reuses the same storage and ports,
-which is how a PACS outage is played. REST calls use only the standard library.
+which is how a PACS outage is played. ``plugins=("OrthancDicomWeb",)`` loads Debian's plugins
+from ``/usr/share/orthanc/plugins`` and ``config={...}`` adds or overrides configuration keys.
+REST calls use only the standard library.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 ORTHANC = "/usr/sbin/Orthanc"
+PLUGINS = Path("/usr/share/orthanc/plugins")
 
 
 def _free_port() -> int:
@@ -51,6 +54,8 @@ class Orthanc:
         dicom_port: int | None = None,
         http_port: int | None = None,
         stable_age: int = 1,
+        plugins: Sequence[str] = (),
+        config: Mapping[str, Any] | None = None,
     ) -> None:
         self.root = root
         self.aet = aet
@@ -58,6 +63,11 @@ class Orthanc:
         self.http_port = http_port or _free_port()
         self.modalities = dict(modalities or {})
         self.stable_age = stable_age
+        self.plugins = [PLUGINS / f"lib{name}.so" for name in plugins]
+        for plugin in self.plugins:
+            if not plugin.is_file():
+                raise OrthancError(f"no Orthanc plugin {plugin}: `make test` installs it")
+        self.extra = dict(config or {})
         self.log = root / "orthanc.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -71,7 +81,7 @@ class Orthanc:
             "Name": f"test-{self.aet}",
             "StorageDirectory": str(self.root / "storage"),
             "IndexDirectory": str(self.root / "index"),
-            "Plugins": [],
+            "Plugins": [str(p) for p in self.plugins],
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
@@ -91,6 +101,7 @@ class Orthanc:
             "SaveJobs": False,
             "ConcurrentJobs": 2,
             "OverwriteInstances": False,
+            **self.extra,
         }
 
     # --- process ---------------------------------------------------------------------------
