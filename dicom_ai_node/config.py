@@ -202,6 +202,12 @@ class DestinationSettings(_Section):
     certificate: Path | None = Field(default=None, description="Our client certificate (PEM)")
     private_key: Path | None = Field(default=None, description="Its private key (PEM)")
     server_name: str = Field(default="", description="Name in the peer's certificate; = host")
+    objects: list[Literal["sr", "sc", "kos"]] = Field(
+        default=["sr", "sc", "kos"],
+        min_length=1,
+        description="Which of a route's result objects this peer gets: e.g. sc only for a "
+        "PACS whose viewer shows no SR, sr + kos for an IHE AI Results consumer",
+    )
 
     @model_validator(mode="after")
     def _tls_options(self) -> DestinationSettings:

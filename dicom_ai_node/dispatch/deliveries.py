@@ -11,7 +11,7 @@ receives the same object again, never a second copy with a new UID.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -58,13 +58,25 @@ def peer(destination: DestinationSettings, calling_ae_title: str) -> Peer:
     )
 
 
-def plan_deliveries(session: Session, job: Job, results: list[Result]) -> int:
-    """Create the delivery rows of a job's results; returns how many."""
+def plan_deliveries(
+    session: Session,
+    job: Job,
+    results: list[Result],
+    objects: Mapping[str, Collection[str]] | None = None,
+) -> int:
+    """Create the delivery rows of a job's results; returns how many.
+
+    ``objects`` maps a destination to the result kinds ("sr", "sc", "kos") it gets (its
+    output profile); a destination it does not name gets them all.
+    """
     count = 0
     for destination in job.destinations:
         if destination == "outbox":
             continue
+        wanted = None if objects is None else objects.get(destination)
         for result in results:
+            if wanted is not None and result.kind not in wanted:
+                continue
             session.add(
                 Delivery(job_id=job.id, result_uid=result.sop_instance_uid, destination=destination)
             )

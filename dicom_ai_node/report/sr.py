@@ -35,6 +35,7 @@ from dicom_ai_node.report.common import (
     ReportContext,
     check_inputs,
     coded,
+    copy_study_level,
     equipment_kwargs,
     finish,
     flagged_images,
@@ -158,6 +159,7 @@ def build_sr(
         series_description=series_description(card),
         **equipment_kwargs(card, context),  # type: ignore[arg-type]
     )
+    copy_study_level(sr, sources[0])
     finish(sr, context)
     return sr
 
