@@ -3,7 +3,7 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := dcmtk orthanc dicom3tools pixelmed-apps chromium chromium-driver postgresql
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb orthanc-webviewer dicom3tools pixelmed-apps chromium chromium-driver postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test install install-test peers lint typecheck pytest clean

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DestinationSettings, DispatchSettings
 from dicom_ai_node.dispatch.scu import Peer, SendOutcome, send_files
+from dicom_ai_node.dispatch.stow import WebPeer, stow_files
 from dicom_ai_node.jobs.loop import PollingLoop
 from dicom_ai_node.jobs.models import (
     Delivery,
@@ -37,16 +38,24 @@ from dicom_ai_node.tls import client_context
 log = logging.getLogger(__name__)
 
 
-def peer(destination: DestinationSettings, calling_ae_title: str) -> Peer:
+def peer(destination: DestinationSettings, calling_ae_title: str) -> Peer | WebPeer:
     """The peer of a configured destination; its TLS context (certificates read now, so a
     missing file is a configuration error at startup, not a failed delivery later)."""
     context = None
-    if destination.tls:
+    if destination.tls or destination.url.startswith("https://"):
         context = client_context(
             f"destinations.{destination.name}",
             destination.ca_certificates,
             destination.certificate,
             destination.private_key,
+        )
+    if destination.type == "dicomweb":
+        return WebPeer(
+            destination.url,
+            username=destination.username,
+            password=destination.password.get_secret_value(),
+            token=destination.token.get_secret_value(),
+            tls=context,
         )
     return Peer(
         destination.ae_title,
@@ -56,6 +65,13 @@ def peer(destination: DestinationSettings, calling_ae_title: str) -> Peer:
         tls=context,
         server_name=destination.server_name,
     )
+
+
+def send(paths: list[Path], to: Peer | WebPeer, timeout: float) -> list[SendOutcome]:
+    """Send files by C-STORE or STOW-RS, as the peer is; one outcome per file."""
+    if isinstance(to, WebPeer):
+        return stow_files(paths, to, timeout=timeout)
+    return send_files(paths, to, timeout=timeout)
 
 
 def plan_deliveries(
@@ -316,7 +332,7 @@ class Dispatcher:
         if not due:
             return 0
         by_path = {Path(result.path): delivery.id for delivery, result in due}
-        outcomes = send_files(list(by_path), self.peers[name], timeout=self.settings.timeout)
+        outcomes = send(list(by_path), self.peers[name], self.settings.timeout)
         for outcome in outcomes:
             with self.sessions.begin() as session:
                 done_job = record_outcome(session, by_path[outcome.path], outcome, self.settings)
