@@ -1,5 +1,6 @@
 # make run  : create .venv, install, start the node on its embedded defaults
 # make test : install what the tests need (Debian peers included) and run lint, types, tests
+# make test-fast : the tests that need no peer and no training, in under a minute
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ OHIF_VERSION := 3.13.2
 OHIF_DIR := .viewers/ohif-$(OHIF_VERSION)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install install-test peers ohif lint typecheck pytest clean
+.PHONY: run test test-fast install install-test peers ohif lint typecheck pytest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +60,10 @@ pytest: $(VENV)/.installed-test peers ohif
 	$(BIN)/pytest
 
 test: peers $(VENV)/.installed-test lint typecheck pytest
+
+# No DCMTK, Orthanc, PostgreSQL, Chromium or validators, no training: the inner loop.
+test-fast: $(VENV)/.installed-test
+	$(BIN)/pytest -q -m "not peers and not slow"
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

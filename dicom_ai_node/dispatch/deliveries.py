@@ -32,7 +32,8 @@ from dicom_ai_node.jobs.models import (
     utcnow,
 )
 from dicom_ai_node.jobs.queue import transition
-from dicom_ai_node.jobs.store import add_event
+from dicom_ai_node.jobs.store import add_event, upsert
+from dicom_ai_node.spool import Spool
 from dicom_ai_node.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,10 @@ def plan_deliveries(
 ) -> int:
     """Create the delivery rows of a job's results; returns how many.
 
-    ``objects`` maps a destination to the result kinds ("sr", "sc", "kos") it gets (its
-    output profile); a destination it does not name gets them all.
+    One row per result and destination, whoever plans it: a row that exists already (the
+    same result planned by a racing worker) is not added again. ``objects`` maps a
+    destination to the result kinds ("sr", "sc", "kos") it gets (its output profile); a
+    destination it does not name gets them all.
     """
     count = 0
     for destination in job.destinations:
@@ -93,10 +96,20 @@ def plan_deliveries(
         for result in results:
             if wanted is not None and result.kind not in wanted:
                 continue
-            session.add(
-                Delivery(job_id=job.id, result_uid=result.sop_instance_uid, destination=destination)
-            )
-            count += 1
+            inserted = session.execute(
+                upsert(session, Delivery)
+                .values(
+                    job_id=job.id,
+                    result_uid=result.sop_instance_uid,
+                    destination=destination,
+                    state=DeliveryState.PENDING.value,
+                    attempts=0,
+                    next_attempt_at=utcnow(),
+                )
+                .on_conflict_do_nothing(index_elements=["result_uid", "destination"])
+                .returning(Delivery.id)
+            ).scalar_one_or_none()
+            count += inserted is not None
     return count
 
 
@@ -301,12 +314,14 @@ class Dispatcher:
         settings: DispatchSettings,
         calling_ae_title: str,
         owner: str,
+        spool: Spool,
         on_outcome: Callable[[str, SendOutcome], None] | None = None,
         on_delivered: Callable[[float], None] | None = None,
     ) -> None:
         self.sessions = sessions
         self.settings = settings
         self.owner = owner
+        self.spool = spool
         self.on_outcome = on_outcome
         self.on_delivered = on_delivered
         self.peers = {d.name: peer(d, calling_ae_title) for d in destinations}
@@ -331,7 +346,7 @@ class Dispatcher:
             due = claim_due(session, name, self.owner, self.settings.timeout * 4)
         if not due:
             return 0
-        by_path = {Path(result.path): delivery.id for delivery, result in due}
+        by_path = {self.spool.locate(result.path): delivery.id for delivery, result in due}
         outcomes = send(list(by_path), self.peers[name], self.settings.timeout)
         for outcome in outcomes:
             with self.sessions.begin() as session:

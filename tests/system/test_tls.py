@@ -34,6 +34,8 @@ from tests.support.helpers import (
     write,
 )
 
+pytestmark = pytest.mark.peers
+
 
 @pytest.fixture
 def certs(tmp_path: Path) -> Certificates:
