@@ -9,27 +9,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DestinationSettings
 from dicom_ai_node.dispatch.deliveries import plan_deliveries
-from dicom_ai_node.jobs.models import Delivery, Job, Result
+from dicom_ai_node.jobs.models import Delivery, Result
+from tests.support.joblog import job_with_results
 
 
 def test_each_destination_gets_the_kinds_it_lists(sessions: sessionmaker[Session]) -> None:
     with sessions.begin() as session:
-        job = Job(study_instance_uid="1.2.3", destinations=["pacs", "legacy", "air", "outbox"])
-        session.add(job)
-        session.flush()
-        results = [
-            Result(
-                sop_instance_uid=f"1.2.3.{i}",
-                job_id=job.id,
-                kind=kind,
-                sop_class_uid="1.2",
-                series_instance_uid=f"1.2.3.{i}.1",
-                path=f"/tmp/{i}",
-            )
-            for i, kind in enumerate(("sr", "sc", "kos"))
-        ]
-        session.add_all(results)
-        session.flush()
+        job, results = job_with_results(
+            session, ["pacs", "legacy", "air", "outbox"], ("sr", "sc", "kos")
+        )
         profiles = {"legacy": ["sc"], "air": ["sr", "kos"]}  # "pacs" is not named: all
         assert plan_deliveries(session, job, results, profiles) == 3 + 1 + 2
     with sessions() as session:
