@@ -41,6 +41,8 @@ peers:
 	fi
 
 $(OHIF_DIR)/dist/index.html:
+	@command -v npm >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends npm >/dev/null; }
 	rm -rf $(OHIF_DIR).part && mkdir -p $(OHIF_DIR).part
 	cd $(OHIF_DIR).part && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null && \
 	  tar xzf ohif-app-$(OHIF_VERSION).tgz
@@ -66,4 +68,4 @@ test-fast: $(VENV)/.installed-test
 	$(BIN)/pytest -q -m "not peers and not slow"
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var .viewers .pytest_cache .mypy_cache .ruff_cache
