@@ -16,7 +16,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -271,13 +279,59 @@ class PeerSettings(_Section):
         if (self.certificate is None) != (self.private_key is None):
             raise ValueError("certificate and private_key go together")
         uses_tls = self.ca_certificates or self.certificate or self.server_name
-        if uses_tls and not self.tls:
+        if uses_tls and not self._uses_tls():
             raise ValueError("TLS options given but tls = false")
         return self
 
+    def _uses_tls(self) -> bool:
+        return self.tls
+
 
 class DestinationSettings(PeerSettings):
-    """A DICOM peer that receives results by C-STORE."""
+    """A peer that receives results: by C-STORE (``type = "dicom"``: ``ae_title``,
+    ``host``, ``port``) or by STOW-RS (``type = "dicomweb"``: ``url``, the DICOMweb
+    service root, with ``username`` and ``password`` or a bearer ``token``)."""
+
+    type: Literal["dicom", "dicomweb"] = "dicom"
+    ae_title: str = Field(default="", pattern=rf"^$|{_AE_TITLE}")
+    host: str = ""
+    port: int = Field(default=104, ge=1, le=65535)
+    url: str = Field(
+        default="", pattern=r"^$|^https?://", description="DICOMweb service root (dicomweb)"
+    )
+    username: str = Field(default="", description="HTTP basic user (dicomweb)")
+    password: SecretStr = Field(default=SecretStr(""), description="HTTP basic password")
+    token: SecretStr = Field(default=SecretStr(""), description="HTTP bearer token (dicomweb)")
+    objects: list[Literal["sr", "sc", "kos"]] = Field(
+        default=["sr", "sc", "kos"],
+        min_length=1,
+        description="Which of a route's result objects this peer gets: e.g. sc only for a "
+        "PACS whose viewer shows no SR, sr + kos for an IHE AI Results consumer",
+    )
+
+    @model_validator(mode="after")
+    def _type_options(self) -> DestinationSettings:
+        if self.type == "dicom":
+            if not self.ae_title or not self.host:
+                raise ValueError("a dicom destination needs ae_title and host")
+            if self.url or self.username or self.token.get_secret_value():
+                raise ValueError("url, username and token are for dicomweb destinations")
+        else:
+            if not self.url:
+                raise ValueError("a dicomweb destination needs url")
+            if self.username and self.token.get_secret_value():
+                raise ValueError("give username and password, or token, not both")
+            if self.tls or self.server_name:
+                raise ValueError("a dicomweb destination uses TLS by an https:// url")
+        return self
+
+    def _uses_tls(self) -> bool:
+        return self.tls or self.url.startswith("https://")
+
+    @property
+    def address(self) -> str:
+        """Where the destination is, for people: ``AE@host:port`` or the URL."""
+        return self.url if self.type == "dicomweb" else f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class SourceSettings(PeerSettings):

@@ -153,7 +153,12 @@ class JobRunner:
                     skipped=[list(item) for item in prediction.skipped[:100]],
                 )
             results = self._write_results(session, job, datasets)
-            deliveries = plan_deliveries(session, job, results)
+            deliveries = plan_deliveries(
+                session,
+                job,
+                results,
+                {d.name: d.objects for d in self.settings.destinations},
+            )
             state = JobState.DELIVERING if deliveries else JobState.DONE
             moved = transition(
                 session,

@@ -172,7 +172,7 @@ def test_orthanc_sends_a_study_by_stow(node: Node, tmp_path: Path) -> None:
     }
     with running_orthanc(
         tmp_path / "orthanc",
-        plugins=("OrthancDicomWeb",),
+        plugins=("dicomweb",),
         config={"DicomWeb": {"Servers": servers}},
     ) as orthanc:
         study_id = orthanc.upload(files)
