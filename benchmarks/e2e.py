@@ -49,6 +49,7 @@ from dicom_ai_node.demo import DEMO_ROUTES  # noqa: E402
 from dicom_ai_node.jobs.models import Delivery, Instance, Job, Result  # noqa: E402
 from dicom_ai_node.node import Node  # noqa: E402
 from dicom_ai_node.synth import Label, Task, generate_studies  # noqa: E402
+from tests.support.helpers import free_port  # noqa: E402
 from tests.support.orthanc import Orthanc  # noqa: E402
 
 TARGETS = {"radiograph": 2.0, "ct": 10.0}  # seconds, stable time excluded
@@ -61,14 +62,6 @@ class Run:
     wait: float
     infer: float
     send: float
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def send_mpps(node: Node, files: list[Path]) -> None:

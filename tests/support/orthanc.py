@@ -18,7 +18,6 @@ import base64
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -28,16 +27,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests.support.helpers import free_port
+
 ORTHANC = "/usr/sbin/Orthanc"
 PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
 # Debian package -> plugin library (orthanc-dicomweb, orthanc-webviewer)
 PLUGINS = {"dicomweb": "libOrthancDicomWeb.so", "webviewer": "libOrthancWebViewer.so"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class OrthancError(RuntimeError):
@@ -75,8 +70,8 @@ class Orthanc:
         self.extra = dict(config or {})
         self.root = root
         self.aet = aet
-        self.dicom_port = dicom_port or _free_port()
-        self.http_port = http_port or _free_port()
+        self.dicom_port = dicom_port or free_port()
+        self.http_port = http_port or free_port()
         self.modalities = dict(modalities or {})
         self.stable_age = stable_age
         self.log = root / "orthanc.log"
