@@ -168,6 +168,12 @@ class ConnectionGuard:
         self.refuse(address, reason, "too many connections waiting to request an association")
         return False
 
+    @property
+    def pending(self) -> int:
+        """How many accepted connections are waiting for their A-ASSOCIATE-RQ now."""
+        with self._lock:
+            return sum(self._pending.values())
+
     def settled(self, address: str) -> None:
         with self._lock:
             self._pending[address] -= 1

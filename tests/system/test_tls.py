@@ -31,6 +31,7 @@ from tests.support.helpers import (
     instance,
     make_settings,
     run_tool,
+    wait_for,
     write,
 )
 
@@ -119,7 +120,7 @@ def test_stalled_handshake_does_not_block_other_associations(
 ) -> None:
     node = tls_node(node_factory, certs, acse_timeout=2)
     with socket.create_connection(("127.0.0.1", node.scp.port)) as stalled:
-        time.sleep(0.2)  # the server has accepted it and waits for a ClientHello
+        wait_for(lambda: node.scp.guard.pending == 1)  # accepted, waiting for a ClientHello
         started = time.monotonic()
         ae = AE(ae_title="PACS")
         ae.connection_timeout = ae.acse_timeout = 5  # TCP connect and TLS handshake
@@ -145,7 +146,7 @@ def test_stop_does_not_wait_for_a_stalled_handshake(
 ) -> None:
     node = tls_node(node_factory, certs)  # ACSE timeout 30 s
     with socket.create_connection(("127.0.0.1", node.scp.port)):
-        time.sleep(0.2)
+        wait_for(lambda: node.scp.guard.pending == 1)
         started = time.monotonic()
         node.scp.stop()  # (the silent connection is closed at its timeout or at exit)
         assert time.monotonic() - started < 3
