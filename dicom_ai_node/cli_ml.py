@@ -149,9 +149,11 @@ def show_model(
         "aggregation": card.aggregation.value
         + (f" (k={card.top_k})" if card.aggregation == "topk_mean" else ""),
         "modalities / body parts": f"{', '.join(card.modalities)} / {', '.join(card.body_parts)}",
-        "parameters": f"{model.model.count_params():,}",
+        "parameters": f"{model.backend.parameters or 0:,}",
+        "backend": model.backend.kind,
+        "heat maps": model.explanation,
         "package": str(package),
-        "weights size": f"{(package / 'model.keras').stat().st_size / 1e6:.2f} MB",
+        "weights": f"{model.weights.name}, sha256 {model.weights_sha256}",
     }
     for key, value in rows.items():
         table.add_row(key, value)
