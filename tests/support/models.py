@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 
 from dicom_ai_node.infer.card import InputSpec, ModelCard
+from dicom_ai_node.infer.runtime import configure_tensorflow
 from dicom_ai_node.train.model import build_classifier
 
 Kind = Literal["keras", "saved_model", "onnx"]
@@ -34,12 +35,15 @@ def export(model: object, package: Path, kind: Kind) -> Path:
         return package / "model.keras"
     model(np.zeros((1, *model.input_shape[1:]), dtype=np.float32))  # export needs a built call
     name = "model.onnx" if kind == "onnx" else "saved_model"
-    model.export(package / name, format="onnx" if kind == "onnx" else "tf_saved_model", verbose=False)
+    model.export(
+        package / name, format="onnx" if kind == "onnx" else "tf_saved_model", verbose=False
+    )
     return package / name
 
 
 def convert_package(source: Path, root: Path, kind: Kind, name: str | None = None) -> Path:
     """A copy of a Keras package (card and weights) with its weights exported as ``kind``."""
+    configure_tensorflow()  # before the first op, or the node's thread settings fail
     import keras
 
     card = ModelCard.load(source / "model.toml")
