@@ -315,7 +315,7 @@ class LoadedModel:
                     sop_instance_uid=uid,
                     frame_number=frame,
                     probabilities=probs,
-                    label=self._label(probs),
+                    label=self.label_for(probs),
                     heatmap=cams[i].copy() if keep and cams is not None else None,
                 )
             )
@@ -323,7 +323,7 @@ class LoadedModel:
                 best = (float(positive[i]), len(images) - 1, pending.inputs[i].copy())
         return best
 
-    def _label(self, probabilities: dict[str, float]) -> str:
+    def label_for(self, probabilities: dict[str, float]) -> str:
         """The positive label at or above the card's threshold, else the likeliest other one."""
         positive = self.card.positive_label.name
         if probabilities[positive] >= self.card.threshold:
@@ -355,7 +355,7 @@ class LoadedModel:
             weights_sha256=self.weights_sha256,
             explanation=self.explanation,
             positive_label=positive_name,
-            label=self._label(series),
+            label=self.label_for(series),
             probability=series[positive_name],
             positive=is_positive,
             probabilities=series,
