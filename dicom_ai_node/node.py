@@ -192,11 +192,29 @@ class Node:
             log.info("model %s %s loaded from %s", card.name, card.version, package)
         return models
 
+    def _check_model_identities(self) -> None:
+        """Refuse a model whose weights differ from those the job log recorded for the same
+        name and version: new weights need a new version, or results could not be traced."""
+        from dicom_ai_node.jobs.queue import recorded_weights
+
+        with self.read_sessions() as session:
+            for model in self.models.values():
+                card = model.card
+                other = recorded_weights(session, card.name, card.version) - {model.weights_sha256}
+                if other:
+                    raise ConfigError(
+                        f"models: model package {card.name} ({model.package}): version "
+                        f"{card.version} has weights sha256 {model.weights_sha256}, but earlier "
+                        f"jobs of that version ran weights {', '.join(sorted(other))}; "
+                        "give changed weights a new version in model.toml"
+                    )
+
     # --- start and stop --------------------------------------------------------------------
 
     def start(self) -> None:
         """Migrate the job log, recover from a previous run, start every stage."""
         upgrade(self.engine)
+        self._check_model_identities()
         with self.sessions.begin() as session:
             lost = close_stale_associations(session, self.settings.node_name)
             requeued = recover(session, self.settings.node_name, self.settings.worker.max_attempts)
@@ -369,7 +387,8 @@ class Node:
                     skipped=[list(item) for item in prediction.skipped[:100]],
                 )
             results = self._write_results(session, job, datasets)
-            deliveries = plan_deliveries(session, job, results)
+            # Shadow mode: results are recorded (job log and outbox) but go nowhere else.
+            deliveries = 0 if job.shadow else plan_deliveries(session, job, results)
             state = JobState.DELIVERING if deliveries else JobState.DONE
             moved = transition(
                 session,
@@ -382,6 +401,7 @@ class Node:
                 probability=prediction.probability,
                 positive=prediction.positive,
                 model_version=prediction.model_version,
+                weights_sha256=prediction.weights_sha256,
                 error=None,
             )
             if not moved:  # roll back: the worker that holds the lease records the job

@@ -118,8 +118,9 @@ class Backend(ABC):
         """Probabilities (batch, labels) of a full batch."""
 
     @abstractmethod
-    def explain(self, batch: Array) -> tuple[Array, Array]:
-        """Probabilities and maps (batch, height, width) in [0, 1] of a full batch."""
+    def explain(self, batch: Array, count: int) -> tuple[Array, Array]:
+        """Probabilities and maps (batch, height, width) in [0, 1] of a full batch whose first
+        ``count`` images are real (the rest is padding, which may get empty maps)."""
 
 
 class KerasBackend(Backend):
@@ -199,7 +200,7 @@ class KerasBackend(Backend):
     def forward(self, batch: Array) -> Array:
         return np.asarray(self._forward(batch), dtype=np.float32)
 
-    def explain(self, batch: Array) -> tuple[Array, Array]:
+    def explain(self, batch: Array, count: int) -> tuple[Array, Array]:
         assert self._explain is not None
         probabilities, cams = self._explain(batch)
         return np.asarray(probabilities, np.float32), np.asarray(cams, np.float32)
@@ -257,7 +258,7 @@ class SavedModelBackend(Backend):
     def forward(self, batch: Array) -> Array:
         return np.asarray(self._forward(batch), dtype=np.float32)
 
-    def explain(self, batch: Array) -> tuple[Array, Array]:
+    def explain(self, batch: Array, count: int) -> tuple[Array, Array]:
         probabilities, maps = self._explain(batch)
         return np.asarray(probabilities, np.float32), np.asarray(maps, np.float32)
 
@@ -308,9 +309,11 @@ class OnnxBackend(Backend):
         (probabilities, *_) = self.session.run(None, {self._input: feed})
         return np.asarray(probabilities, dtype=np.float32)
 
-    def explain(self, batch: Array) -> tuple[Array, Array]:
+    def explain(self, batch: Array, count: int) -> tuple[Array, Array]:
         probabilities = self.forward(batch)
-        maps = np.stack([self._occlusion(image, probabilities[i]) for i, image in enumerate(batch)])
+        maps = np.zeros(batch.shape[:3], dtype=np.float32)
+        for i in range(count):
+            maps[i] = self._occlusion(batch[i], probabilities[i])
         return probabilities, maps
 
     def _occlusion(self, image: Array, probabilities: Array) -> Array:

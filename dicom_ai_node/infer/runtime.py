@@ -175,8 +175,8 @@ class LoadedModel:
         self._empty = np.zeros(self.backend.shape, dtype=np.float32)
         try:  # warm up: trace the graphs once, now
             self.backend.forward(self._empty)
-            if self.backend.explanation != "none":
-                self.backend.explain(self._empty)
+            if self.backend.explain_in_pass and self.backend.explanation != "none":
+                self.backend.explain(self._empty, self.batch_size)
         except Exception as exc:  # a network that loads but does not run on its own input
             raise ModelPackageError(f"{where}: the weights do not run: {exc}") from exc
 
@@ -200,7 +200,7 @@ class LoadedModel:
             batch = self._empty.copy()
             batch[:count] = images
         if explain and self.backend.explanation != "none":
-            probabilities, cams = self.backend.explain(batch)
+            probabilities, cams = self.backend.explain(batch, count)
             return probabilities[:count], cams[:count]
         return self.backend.forward(batch)[:count], None
 

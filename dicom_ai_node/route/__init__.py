@@ -62,6 +62,7 @@ def _spec(
         outputs=tuple(rule.outputs),
         destinations=tuple(rule.destinations),
         priority=rule.priority,
+        shadow=rule.shadow,
     )
 
 

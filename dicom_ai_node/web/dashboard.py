@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -17,6 +17,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from dicom_ai_node.infer.prediction import percent
 from dicom_ai_node.jobs.models import JobState
+from dicom_ai_node.jobs.queue import add_feedback
 from dicom_ai_node.web import queries
 from dicom_ai_node.web.api import WebContext, retry_job
 
@@ -150,6 +151,29 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
             sc=[r for r in job.results if r.kind == "sc"],
             retryable=job.state not in (*queries.PENDING_STATES, JobState.SKIPPED.value),
             retried=retried,
+        )
+
+    @router.post("/jobs/{job_id}/feedback")
+    async def feedback_form(request: Request, job_id: int) -> RedirectResponse:
+        # An urlencoded form, parsed here: FastAPI's Form() needs python-multipart.
+        form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
+        author = form.get("author", "").strip()[:128]
+        try:
+            if not author:
+                raise ValueError("give your name with the feedback")
+            with ctx.sessions.begin() as session:
+                add_feedback(
+                    session,
+                    job_id,
+                    form.get("agree") == "yes",
+                    form.get("comment", "")[:2000],
+                    author,
+                )
+            message = "feedback recorded"
+        except (LookupError, ValueError) as exc:
+            message = str(exc)
+        return RedirectResponse(
+            f"/jobs/{job_id}?{urlencode({'retried': message})}", status_code=303
         )
 
     @router.post("/jobs/{job_id}/retry")

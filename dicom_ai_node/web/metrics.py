@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_ai_node.web.queries import jobs_by_state, queue_depth
+from dicom_ai_node.web.queries import feedback_counts, jobs_by_state, queue_depth
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class _JobLogCollector(Collector):
             with self.sessions() as session:
                 states = jobs_by_state(session)
                 depth = queue_depth(session)
+                feedback = feedback_counts(session)
         except SQLAlchemyError:
             log.warning("metrics: the job log did not answer", exc_info=True)
             up.add_metric([], 0)
@@ -64,6 +65,14 @@ class _JobLogCollector(Collector):
             "Webhook notifications waiting to be sent",
             value=depth.notifications_pending,
         )
+        opinions = GaugeMetricFamily(
+            f"{PREFIX}_feedback",
+            "Radiologists' feedback on findings, by model, version and agreement",
+            labels=["model", "version", "agree"],
+        )
+        for model, version, agree, count in feedback:
+            opinions.add_metric([model, version, "true" if agree else "false"], count)
+        yield opinions
 
 
 class NodeMetrics:

@@ -19,6 +19,7 @@ from dicom_ai_node.jobs.models import (
     Delivery,
     DeliveryState,
     Event,
+    Feedback,
     Job,
     JobState,
     Result,
@@ -59,6 +60,8 @@ class JobSummary(BaseModel):
     route: str | None
     model: str | None
     model_version: str | None
+    weights_sha256: str | None
+    shadow: bool
     label: str | None
     probability: float | None
     positive: bool | None
@@ -107,12 +110,20 @@ class NotificationOut(BaseModel):
     sent_at: datetime | None
 
 
+class FeedbackOut(BaseModel):
+    agree: bool
+    comment: str
+    author: str
+    at: datetime
+
+
 class JobDetail(JobSummary):
     study_date: str
     study_description: str
     results: list[ResultOut]
     events: list[EventOut]
     notifications: list[NotificationOut]
+    feedback: list[FeedbackOut]
 
 
 class WorklistItem(JobSummary):
@@ -220,6 +231,8 @@ def _summary(row: Any, deliveries: dict[int, list[DeliveryStatus]], **extra: Any
         "route": job.route,
         "model": job.model,
         "model_version": job.model_version,
+        "weights_sha256": job.weights_sha256,
+        "shadow": job.shadow,
         "label": job.label,
         "probability": job.probability,
         "positive": job.positive,
@@ -282,6 +295,12 @@ def get_job(session: Session, job_id: int) -> JobDetail | None:
         events=[EventOut.model_validate(e, from_attributes=True) for e in events],
         notifications=[
             NotificationOut.model_validate(n, from_attributes=True) for n in notifications
+        ],
+        feedback=[
+            FeedbackOut.model_validate(f, from_attributes=True)
+            for f in session.scalars(
+                select(Feedback).where(Feedback.job_id == job_id).order_by(Feedback.id)
+            )
         ],
     )
 
@@ -430,3 +449,13 @@ def distinct_values(session: Session, column: Literal["model", "label"]) -> list
     attribute = Job.model if column == "model" else Job.label
     found = session.scalars(select(attribute).where(attribute.is_not(None)).distinct())
     return sorted(value for value in found if value)
+
+
+def feedback_counts(session: Session) -> list[tuple[str, str, bool, int]]:
+    """(model, version, agree, count) of the radiologists' feedback."""
+    rows = session.execute(
+        select(Job.model, Job.model_version, Feedback.agree, func.count())
+        .join(Job, Job.id == Feedback.job_id)
+        .group_by(Job.model, Job.model_version, Feedback.agree)
+    ).all()
+    return [(str(m or ""), str(v or ""), bool(a), int(n)) for m, v, a, n in rows]

@@ -1,0 +1,127 @@
+"""Governance on a running node: shadow routes, radiologists' feedback, the model identity
+(weights hash) in the job log, and changed weights under the same version refused."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from dicom_ai_node.config import ConfigError
+from dicom_ai_node.infer import BUNDLED_MODELS_DIR, LoadedModel
+from dicom_ai_node.jobs.models import Delivery, Job
+from dicom_ai_node.node import Node
+from dicom_ai_node.synth import Label, Task, generate_studies
+from dicom_ai_node.web.models import Notification
+from tests.support.helpers import free_port, make_settings, run_tool, wait_for
+
+pytestmark = [pytest.mark.peers, pytest.mark.slow]
+
+TOKEN = "governance-token-0123456789"
+MODEL = "cxr-opacity-demo"
+
+
+WHERE = {"Modality": ["CR", "DX"]}
+LIVE = {"name": "live", "model": MODEL, "where": WHERE, "destinations": ["pacs"]}
+TRIAL = {**LIVE, "name": "trial", "shadow": True}
+
+
+def settings(port: int) -> dict[str, Any]:
+    """A PACS and a webhook that are both down: the live job tries them, the shadow one not."""
+    return {
+        "http": {"token": TOKEN},
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}],
+        "notifications": [{"url": f"http://127.0.0.1:{port}/hook", "on": ["positive"]}],
+        "routes": [LIVE, TRIAL],
+    }
+
+
+def test_shadow_route_records_but_delivers_and_notifies_nothing_then_feedback(
+    node_factory: Callable[..., Node], demo_models: dict[str, Any], tmp_path: Path
+) -> None:
+    node = node_factory(models={MODEL: demo_models[MODEL]}, **settings(free_port()))
+    (study,) = generate_studies(Task.CXR_OPACITY, Label.POSITIVE, 1, tmp_path / "in", seed=4242)
+    run_tool("storescu", "+sd", "+r", "-aec", "AINODE", "127.0.0.1", str(node.scp.port), str(study))
+
+    def finished() -> dict[str, Job] | None:
+        with node.read_sessions() as session:
+            jobs = {j.route: j for j in session.scalars(select(Job)) if j.finished_at or j.label}
+        return jobs if len(jobs) == 2 and all(j.label for j in jobs.values()) else None
+
+    jobs = wait_for(finished, timeout=60)
+    live, trial = jobs["live"], jobs["trial"]
+    assert (trial.shadow, live.shadow) == (True, False)
+    assert trial.state == "done" and trial.positive and live.positive
+    assert trial.weights_sha256 == demo_models[MODEL].weights_sha256 == live.weights_sha256
+    # A scan now sees both jobs' events: the live job's notification is queued (the webhook
+    # is down, so it stays), the shadow job's is not.
+    node.notifier.scan_once()
+    with node.read_sessions() as session:
+        assert {n.job_id for n in session.scalars(select(Notification))} == {live.id}
+        assert {d.job_id for d in session.scalars(select(Delivery))} == {live.id}
+
+    base = f"http://127.0.0.1:{node.http.port}"
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        shown = api.get(f"/api/jobs/{trial.id}").json()
+        assert shown["shadow"] is True and shown["weights_sha256"] == trial.weights_sha256
+        listed = api.get("/api/jobs").json()["items"]
+        assert {j["id"]: j["shadow"] for j in listed} == {trial.id: True, live.id: False}
+        page = api.get(f"/jobs/{trial.id}").text
+        assert 'id="shadow"' in page and "never sent nor notified" in page
+        assert 'id="feedback-form"' in page
+
+        given = {"agree": False, "comment": "rib overlap", "author": "dr.a"}
+        answer = api.post(f"/api/jobs/{live.id}/feedback", json=given)
+        assert answer.status_code == 201, answer.text
+        assert answer.json()["author"] == "dr.a" and answer.json()["agree"] is False
+        form = api.post(
+            f"/jobs/{live.id}/feedback",
+            content="agree=yes&author=dr.b&comment=",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert form.status_code == 303 and "recorded" in form.headers["location"]
+        assert api.post("/api/jobs/999999/feedback", json=given).status_code == 404
+        assert api.post(f"/api/jobs/{live.id}/feedback", json={"agree": True}).status_code == 422
+        feedback = api.get(f"/api/jobs/{live.id}").json()["feedback"]
+        assert [(f["author"], f["agree"], f["comment"]) for f in feedback] == [
+            ("dr.a", False, "rib overlap"),
+            ("dr.b", True, ""),
+        ]
+        page = api.get(f"/jobs/{live.id}").text
+        assert "Disagrees" in page and "rib overlap" in page and "dr.b" in page
+        metrics = httpx.get(f"{base}/metrics").text
+    version = demo_models[MODEL].card.version
+    for agree in ("true", "false"):
+        line = f'dicom_ai_node_feedback{{agree="{agree}",model="{MODEL}",version="{version}"}} 1.0'
+        assert line in metrics
+
+
+def _rows(node: Node, table: type) -> list[Any]:
+    with node.read_sessions() as session:
+        return list(session.scalars(select(table)))
+
+
+def test_changed_weights_under_the_same_version_are_refused(
+    node_factory: Callable[..., Node], demo_models: dict[str, Any], tmp_path: Path
+) -> None:
+    node = node_factory(models={MODEL: demo_models[MODEL]}, routes=[{**LIVE, "destinations": []}])
+    (study,) = generate_studies(Task.CXR_OPACITY, Label.NEGATIVE, 1, tmp_path / "in", seed=7)
+    run_tool("storescu", "+sd", "+r", "-aec", "AINODE", "127.0.0.1", str(node.scp.port), str(study))
+    wait_for(lambda: [j for j in _rows(node, Job) if j.state == "done"], timeout=60)
+    node.stop()
+    # Same name and version, other weights (the same network saved again is other bytes).
+    package = shutil.copytree(BUNDLED_MODELS_DIR / MODEL, tmp_path / "changed")
+    with (package / "model.keras").open("ab") as f:
+        f.write(b"\0")
+    changed = LoadedModel(package)
+    again = Node(
+        make_settings(tmp_path, routes=[{**LIVE, "destinations": []}]), models={MODEL: changed}
+    )
+    with pytest.raises(ConfigError, match=rf"{MODEL} \(.*changed\): version .* earlier jobs"):
+        again.start()
+    again.stop()
