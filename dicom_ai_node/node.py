@@ -41,6 +41,7 @@ from dicom_ai_node.web.notify import Notifier
 from dicom_ai_node.web.server import HttpServer
 
 if TYPE_CHECKING:
+    from dicom_ai_node.infer.evaluation import ExpectedRate
     from dicom_ai_node.infer.prediction import SeriesPrediction
     from dicom_ai_node.infer.runtime import LoadedModel
 
@@ -113,9 +114,9 @@ class Node:
         self.engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
         self.sessions = session_factory(self.engine)
         self.read_sessions = session_factory(read_only(self.engine))
-        self.metrics = NodeMetrics(self.read_sessions)
         self.spool = Spool(settings.storage.data_dir)
         self.models = models if models is not None else self._load_models()
+        self.metrics = NodeMetrics(self.read_sessions, self._expected_rates())
         extra = tuple(
             sorted({key for route in settings.routes for key in route.where} - {"CallingAETitle"})
         )
@@ -191,6 +192,17 @@ class Node:
                 raise ConfigError(f"models: {exc}") from None
             log.info("model %s %s loaded from %s", card.name, card.version, package)
         return models
+
+    def _expected_rates(self) -> dict[str, ExpectedRate]:
+        """Per loaded model, the positive rate its package's evaluation leads to expect."""
+        from dicom_ai_node.infer.evaluation import expected_positive_rate
+
+        rates = {}
+        for name, model in self.models.items():
+            expected = expected_positive_rate(model.package, model.card)
+            if expected is not None:
+                rates[name] = expected
+        return rates
 
     def _check_model_identities(self) -> None:
         """Refuse a model whose weights differ from those the job log recorded for the same

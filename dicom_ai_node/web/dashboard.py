@@ -176,6 +176,17 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
             f"/jobs/{job_id}?{urlencode({'retried': message})}", status_code=303
         )
 
+    @router.get("/drift", response_class=HTMLResponse)
+    def drift_page(request: Request) -> HTMLResponse:
+        with ctx.reads() as session:
+            rates = queries.positive_rates(session, days=30)
+        expected = ctx.metrics.expected
+        rows = [
+            (r, e if (e := expected.get(r.model)) and e.version == r.version else None)
+            for r in rates
+        ]
+        return render(request, "drift.html", False, rows=rows)
+
     @router.post("/jobs/{job_id}/retry")
     def retry_form(job_id: int) -> RedirectResponse:
         try:

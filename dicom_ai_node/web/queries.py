@@ -8,7 +8,7 @@ number) come from a join with ``studies``; delivery status is summarised per des
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal, TypeVarTuple
 
 from pydantic import BaseModel
@@ -459,3 +459,39 @@ def feedback_counts(session: Session) -> list[tuple[str, str, bool, int]]:
         .group_by(Job.model, Job.model_version, Feedback.agree)
     ).all()
     return [(str(m or ""), str(v or ""), bool(a), int(n)) for m, v, a, n in rows]
+
+
+class DailyRate(BaseModel):
+    """Finished jobs and positive findings of one model version on one UTC day."""
+
+    model: str
+    version: str
+    day: date
+    jobs: int
+    positives: int
+
+    @property
+    def rate(self) -> float:
+        return self.positives / self.jobs
+
+
+def positive_rates(session: Session, days: int = 30) -> list[DailyRate]:
+    """Positive rate per model version per UTC day over the last ``days`` days, newest first
+    (grouped here, not in SQL: day functions differ between SQLite and PostgreSQL)."""
+    since = datetime.now(UTC) - timedelta(days=days)
+    rows = session.execute(
+        select(Job.model, Job.model_version, Job.finished_at, Job.positive).where(
+            Job.finished_at >= since, Job.positive.is_not(None), Job.model.is_not(None)
+        )
+    ).all()
+    counts: dict[tuple[str, str, date], list[int]] = {}
+    for model, version, finished, positive in rows:
+        assert finished is not None  # the WHERE clause
+        key = (str(model), str(version or ""), finished.astimezone(UTC).date())
+        tally = counts.setdefault(key, [0, 0])
+        tally[0] += 1
+        tally[1] += int(bool(positive))
+    return [
+        DailyRate(model=m, version=v, day=d, jobs=n, positives=k)
+        for (m, v, d), (n, k) in sorted(counts.items(), key=lambda item: item[0][2], reverse=True)
+    ]

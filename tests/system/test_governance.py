@@ -94,11 +94,17 @@ def test_shadow_route_records_but_delivers_and_notifies_nothing_then_feedback(
         ]
         page = api.get(f"/jobs/{live.id}").text
         assert "Disagrees" in page and "rib overlap" in page and "dr.b" in page
+        drift = api.get("/drift").text
         metrics = httpx.get(f"{base}/metrics").text
     version = demo_models[MODEL].card.version
+    labels = f'model="{MODEL}",version="{version}"'
     for agree in ("true", "false"):
-        line = f'dicom_ai_node_feedback{{agree="{agree}",model="{MODEL}",version="{version}"}} 1.0'
-        assert line in metrics
+        assert f'dicom_ai_node_feedback{{agree="{agree}",{labels}}} 1.0' in metrics
+    # Drift: two positives of two today, against the evaluation's 60 of 120 (41-59 %).
+    assert f"dicom_ai_node_positive_rate{{{labels}}} 1.0" in metrics
+    assert f"dicom_ai_node_positive_rate_outside_expected{{{labels}}} 1.0" in metrics
+    assert f'data-model="{MODEL}"' in drift and "outside the expected interval" in drift
+    assert "50% (41%–59%)" in drift
 
 
 def _rows(node: Node, table: type) -> list[Any]:
