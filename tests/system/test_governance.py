@@ -104,7 +104,7 @@ def test_shadow_route_records_but_delivers_and_notifies_nothing_then_feedback(
     assert f"dicom_ai_node_positive_rate{{{labels}}} 1.0" in metrics
     assert f"dicom_ai_node_positive_rate_outside_expected{{{labels}}} 1.0" in metrics
     assert f'data-model="{MODEL}"' in drift and "outside the expected interval" in drift
-    assert "50% (41%–59%)" in drift
+    assert "50% (41% to 59%)" in drift
 
 
 def _rows(node: Node, table: type) -> list[Any]:
