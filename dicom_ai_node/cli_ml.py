@@ -487,17 +487,36 @@ def _epoch_printer(
 
 
 def evaluate(
-    data: Annotated[Path, typer.Argument(help="Folder of class sub-folders, or a .npz file.")],
-    model: Annotated[str, typer.Option("--model", help="Model name or package folder.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the report files.")],
+    data: Annotated[
+        Path | None, typer.Argument(help="Folder of class sub-folders, or a .npz file.")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model name or package.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the report files.")] = None,
     models_dir: ModelsDirs = None,
     seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
+    feedback: Annotated[
+        bool,
+        typer.Option(
+            "--feedback", help="Instead: each model version against the radiologists' feedback."
+        ),
+    ] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Node configuration (--feedback).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (--feedback).")] = False,
 ) -> None:
     """Evaluate a model package: per series for DICOM folders (as the node runs it), per image
-    for PNG/JPEG folders and for the test split of a .npz."""
+    for PNG/JPEG folders and for the test split of a .npz; or, with ``--feedback``, every
+    model version in the job log against the radiologists' feedback."""
     from dicom_ai_node.train.data import load_folder, load_npz
     from dicom_ai_node.train.trainer import evaluate_samples, evaluate_series
 
+    if feedback:
+        _evaluate_feedback(config, as_json)
+        return
+    if data is None or model is None or out is None:
+        console.print("[bold red]error:[/] give DATA, --model and --out (or --feedback)")
+        raise typer.Exit(2)
     with _clean_errors():
         loaded = LoadedModel(_package_path(model, models_dir or []))
         if data.suffix == ".npz":
@@ -518,6 +537,63 @@ def evaluate(
                     report = evaluate_samples(loaded, samples, out, data=str(data), seed=seed)
     _print_report(report)
     console.print(f"report: [bold]{out / 'evaluation.md'}[/]")
+
+
+def _evaluate_feedback(config: Path | None, as_json: bool) -> None:
+    """Sensitivity and specificity (Wilson 95 % intervals) per model version, taking each
+    job's latest feedback as the truth: agreeing with a positive finding makes it a true
+    positive, disagreeing a false positive; likewise for negative findings."""
+    from dicom_ai_node.cli import _db
+    from dicom_ai_node.jobs.queue import latest_feedback
+
+    with _db(config)() as session:
+        rows = latest_feedback(session)
+    tallies: dict[tuple[str, str], dict[str, int]] = {}
+    for model, version, positive, agree in rows:
+        tally = tallies.setdefault((model, version), {"tp": 0, "fp": 0, "tn": 0, "fn": 0})
+        tally[("t" if agree else "f") + ("p" if positive else "n")] += 1
+    if as_json:
+        typer.echo(json.dumps([_feedback_row(m, v, t) for (m, v), t in sorted(tallies.items())]))
+        return
+    table = Table(title="Model versions against the radiologists' feedback")
+    for column in (
+        "model",
+        "version",
+        "cases",
+        "TP",
+        "FP",
+        "TN",
+        "FN",
+        "sensitivity",
+        "specificity",
+    ):
+        table.add_column(column)
+    for (model, version), t in sorted(tallies.items()):
+        row = _feedback_row(model, version, t)
+        cells = [
+            "n/a"
+            if row[k] is None
+            else f"{row[k]:.2f} ({row[k + '_ci95'][0]:.2f} to {row[k + '_ci95'][1]:.2f})"
+            for k in ("sensitivity", "specificity")
+        ]
+        counts = [str(t[k]) for k in ("tp", "fp", "tn", "fn")]
+        table.add_row(model, version, str(row["cases"]), *counts, *cells)
+    console.print(table if tallies else "no feedback in the job log")
+
+
+def _feedback_row(model: str, version: str, tally: dict[str, int]) -> dict[str, Any]:
+    """Counts, sensitivity and specificity with Wilson 95 % intervals (None when undefined)."""
+    from dicom_ai_node.infer.evaluation import wilson_interval
+
+    row: dict[str, Any] = {"model": model, "version": version, "cases": sum(tally.values())}
+    row.update(tally)
+    for name, hits, misses in (
+        ("sensitivity", tally["tp"], tally["fn"]),
+        ("specificity", tally["tn"], tally["fp"]),
+    ):
+        row[name] = hits / (hits + misses) if hits + misses else None
+        row[f"{name}_ci95"] = list(wilson_interval(hits, hits + misses))
+    return row
 
 
 def _print_report(report: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dicom_ai_node.jobs.models import Feedback, Job, JobState, utcnow
@@ -69,6 +69,19 @@ def add_feedback(session: Session, job_id: int, agree: bool, comment: str, autho
         series=job.series_instance_uid,
     )
     return feedback
+
+
+def latest_feedback(session: Session) -> list[tuple[str, str, bool, bool]]:
+    """(model, version, the job's finding was positive, the latest feedback agrees) per job
+    with feedback."""
+    latest = select(func.max(Feedback.id).label("id")).group_by(Feedback.job_id).subquery()
+    rows = session.execute(
+        select(Job.model, Job.model_version, Job.positive, Feedback.agree)
+        .join(Feedback, Feedback.job_id == Job.id)
+        .join(latest, latest.c.id == Feedback.id)
+        .where(Job.positive.is_not(None))
+    ).all()
+    return [(str(m), str(v or ""), bool(p), bool(a)) for m, v, p, a in rows]
 
 
 def worker_id(node_name: str | None = None) -> str:

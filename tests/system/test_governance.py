@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,9 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import select
+from typer.testing import CliRunner
 
+from dicom_ai_node.cli import app
 from dicom_ai_node.config import ConfigError
 from dicom_ai_node.infer import BUNDLED_MODELS_DIR, LoadedModel
 from dicom_ai_node.jobs.models import Delivery, Job
@@ -105,6 +108,16 @@ def test_shadow_route_records_but_delivers_and_notifies_nothing_then_feedback(
     assert f"dicom_ai_node_positive_rate_outside_expected{{{labels}}} 1.0" in metrics
     assert f'data-model="{MODEL}"' in drift and "outside the expected interval" in drift
     assert "50% (41% to 59%)" in drift
+    # evaluate --feedback: the live job's latest feedback agrees with its positive finding.
+    config = tmp_path / "node.toml"
+    config.write_text(f'[database]\nurl = "{node.settings.database_url}"\n')
+    args = ["evaluate", "--feedback", "--json", "--config", str(config)]
+    printed = CliRunner().invoke(app, args)
+    assert printed.exit_code == 0, printed.output
+    (row,) = json.loads(printed.output)
+    assert (row["model"], row["cases"], row["tp"], row["fp"]) == (MODEL, 1, 1, 0)
+    assert row["sensitivity"] == 1.0 and row["specificity"] is None
+    assert row["sensitivity_ci95"] == pytest.approx([0.2065, 1.0], abs=1e-3)
 
 
 def _rows(node: Node, table: type) -> list[Any]:
