@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 APT_PACKAGES := dcmtk orthanc dicom3tools pixelmed-apps chromium chromium-driver postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install install-test peers lint typecheck pytest clean
+.PHONY: run test install install-test peers lint typecheck pytest clean real-data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ pytest: $(VENV)/.installed-test peers
 	$(BIN)/pytest
 
 test: peers $(VENV)/.installed-test lint typecheck pytest
+
+# 16 real chest radiographs (CC BY 4.0, Kermany et al. 2018) and pydicom's real DICOM files,
+# downloaded from PyPI into var/real-data (never committed); see docs/models.md.
+REAL_DATA := var/real-data
+real-data: install
+	$(BIN)/pip download --quiet --no-deps -d $(REAL_DATA) pneumonia-model-package==0.3.0 pydicom-data
+	$(BIN)/python benchmarks/real_images.py $(REAL_DATA)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
