@@ -86,7 +86,7 @@ def to_dicom(label: str, jpeg: Path, out: Path) -> Path:
     ds.PatientOrientation = ""
     ds.StudyDescription = "XR CHEST (Kermany et al. 2018, CC BY 4.0)"
     ds.set_pixel_data(pixels, "MONOCHROME2", 8, generate_instance_uid=False)
-    path = out / label / ds.StudyInstanceUID / f"{jpeg.stem}.dcm"
+    path: Path = out / label / str(ds.StudyInstanceUID) / f"{jpeg.stem}.dcm"
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
@@ -108,15 +108,14 @@ def pipeline(dicom_root: Path) -> None:
         routes = [r for r in tomllib.load(f)["routes"] if r["model"] == "cxr-opacity-demo"]
     studies = {p.name: p.parent.name for p in dicom_root.glob("*/*") if p.is_dir()}
     with tempfile.TemporaryDirectory() as tmp:
-        node = Node(
-            Settings(
-                dicom={"bind": "127.0.0.1", "port": 0},
-                http={"bind": "127.0.0.1", "port": 0},
-                storage={"data_dir": tmp, "min_free_mb": 0},
-                assemble={"stable_seconds": 0.5, "poll_seconds": 0.1},
-                routes=routes,
-            )
-        )
+        settings = {
+            "dicom": {"bind": "127.0.0.1", "port": 0},
+            "http": {"bind": "127.0.0.1", "port": 0},
+            "storage": {"data_dir": tmp, "min_free_mb": 0},
+            "assemble": {"stable_seconds": 0.5, "poll_seconds": 0.1},
+            "routes": routes,
+        }
+        node = Node(Settings.model_validate(settings))
         node.start()
         try:
             port = str(node.scp.port)
