@@ -1,12 +1,13 @@
 # make run  : create .venv, install, start the node on its embedded defaults
 # make test : install what the tests need (Debian peers included) and run lint, types, tests
+# make test-fast : the tests that need no peer and no training, in under a minute
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := dcmtk orthanc dicom3tools pixelmed-apps chromium chromium-driver postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install install-test peers lint typecheck pytest clean real-data
+.PHONY: run test test-fast install install-test peers lint typecheck pytest clean real-data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +53,10 @@ REAL_DATA := var/real-data
 real-data: install
 	$(BIN)/pip download --quiet --no-deps -d $(REAL_DATA) pneumonia-model-package==0.3.0 pydicom-data
 	$(BIN)/python benchmarks/real_images.py $(REAL_DATA)
+
+# No DCMTK, Orthanc, PostgreSQL, Chromium or validators, no training: the inner loop.
+test-fast: $(VENV)/.installed-test
+	$(BIN)/pytest -q -m "not peers and not slow"
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

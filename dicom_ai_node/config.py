@@ -170,7 +170,18 @@ class WorkerSettings(_Section):
 
     lease_seconds: float = Field(default=60.0, gt=0)
     poll_seconds: float = Field(default=0.5, gt=0)
-    max_attempts: int = Field(default=3, ge=1)
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Attempts that failed or crashed the worker process on this job; "
+        "then the job is failed (docs/reliability.md, the crash policy)",
+    )
+    max_interruptions: int = Field(
+        default=10,
+        ge=1,
+        description="Attempts ended from outside (kill, lost host, expired lease), which do "
+        "not count as failures; a backstop against a job killed every time (out of memory)",
+    )
     job_timeout_seconds: float = Field(
         default=600.0,
         gt=0,
@@ -257,6 +268,24 @@ class ModelsSettings(_Section):
     dirs: list[Path] = []
 
 
+class ClusterSettings(_Section):
+    """Nodes sharing one job log (PostgreSQL) and one data folder."""
+
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    node_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="A node silent this long is dead; the others take over"
+    )
+
+    @model_validator(mode="after")
+    def _timeout_covers_heartbeats(self) -> ClusterSettings:
+        if self.node_timeout_seconds <= 2 * self.heartbeat_seconds:
+            raise ValueError(
+                "node_timeout_seconds: must be more than twice heartbeat_seconds "
+                f"({self.heartbeat_seconds:g})"
+            )
+        return self
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_lines: bool = False
@@ -280,6 +309,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     dispatch: DispatchSettings = DispatchSettings()
     models: ModelsSettings = ModelsSettings()
+    cluster: ClusterSettings = ClusterSettings()
     logging: LoggingSettings = LoggingSettings()
     destinations: list[DestinationSettings] = []
     routes: list[RouteSettings] = []

@@ -5,6 +5,9 @@ A series is complete when every association that brought instances of it has end
 is complete when all its series are complete and it too has been quiet that long. An instance
 that arrives later reopens its series and study with a new generation; they complete again
 and are routed again, so late images produce a follow-up job instead of being lost.
+
+Assemblers of several nodes may run at once: each locks the rows it completes and skips
+those another holds, and the job log's unique job key settles any race left.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ def complete_series(
             ~open_association,
         )
         .order_by(Series.last_received_at)
+        # Assemblers of other nodes skip the series this one is completing (PostgreSQL).
+        .with_for_update(skip_locked=True, of=Series)
     ).all()
     for series in ready:
         series.state = SeriesState.COMPLETE.value
@@ -88,11 +93,13 @@ def complete_studies(
         Series.state != SeriesState.COMPLETE.value,
     )
     ready = session.scalars(
-        select(Study).where(
+        select(Study)
+        .where(
             Study.state == SeriesState.RECEIVING.value,
             Study.last_received_at <= cutoff,
             ~series_open,
         )
+        .with_for_update(skip_locked=True, of=Study)
     ).all()
     studies = []
     for study in ready:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,7 +30,8 @@ from dicom_ai_node.jobs.models import (
     utcnow,
 )
 from dicom_ai_node.jobs.queue import transition
-from dicom_ai_node.jobs.store import add_event
+from dicom_ai_node.jobs.store import add_event, upsert
+from dicom_ai_node.spool import Spool
 from dicom_ai_node.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -59,16 +59,30 @@ def peer(destination: DestinationSettings, calling_ae_title: str) -> Peer:
 
 
 def plan_deliveries(session: Session, job: Job, results: list[Result]) -> int:
-    """Create the delivery rows of a job's results; returns how many."""
+    """Create the delivery rows of a job's results; returns how many.
+
+    One row per result and destination, whoever plans it: a row that exists already (the
+    same result planned by a racing worker) is not added again.
+    """
     count = 0
     for destination in job.destinations:
         if destination == "outbox":
             continue
         for result in results:
-            session.add(
-                Delivery(job_id=job.id, result_uid=result.sop_instance_uid, destination=destination)
-            )
-            count += 1
+            inserted = session.execute(
+                upsert(session, Delivery)
+                .values(
+                    job_id=job.id,
+                    result_uid=result.sop_instance_uid,
+                    destination=destination,
+                    state=DeliveryState.PENDING.value,
+                    attempts=0,
+                    next_attempt_at=utcnow(),
+                )
+                .on_conflict_do_nothing(index_elements=["result_uid", "destination"])
+                .returning(Delivery.id)
+            ).scalar_one_or_none()
+            count += inserted is not None
     return count
 
 
@@ -273,12 +287,14 @@ class Dispatcher:
         settings: DispatchSettings,
         calling_ae_title: str,
         owner: str,
+        spool: Spool,
         on_outcome: Callable[[str, SendOutcome], None] | None = None,
         on_delivered: Callable[[float], None] | None = None,
     ) -> None:
         self.sessions = sessions
         self.settings = settings
         self.owner = owner
+        self.spool = spool
         self.on_outcome = on_outcome
         self.on_delivered = on_delivered
         self.peers = {d.name: peer(d, calling_ae_title) for d in destinations}
@@ -303,7 +319,7 @@ class Dispatcher:
             due = claim_due(session, name, self.owner, self.settings.timeout * 4)
         if not due:
             return 0
-        by_path = {Path(result.path): delivery.id for delivery, result in due}
+        by_path = {self.spool.locate(result.path): delivery.id for delivery, result in due}
         outcomes = send_files(list(by_path), self.peers[name], timeout=self.settings.timeout)
         for outcome in outcomes:
             with self.sessions.begin() as session:

@@ -17,7 +17,11 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.script.revision import ResolutionError
+from alembic.util import CommandError
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -79,11 +83,37 @@ def read_only(engine: Engine) -> Engine:
     return engine.execution_options(read_only=True)
 
 
+# The key of the PostgreSQL advisory lock that serialises migrations across nodes.
+MIGRATION_LOCK = 0x41494E4F44450001
+
+
+class SchemaTooNewError(RuntimeError):
+    """The job log was migrated by a newer version of the node than this one."""
+
+
 def upgrade(engine: Engine) -> None:
-    """Bring the schema to the newest migration (idempotent)."""
+    """Bring the schema to the newest migration (idempotent).
+
+    On PostgreSQL, nodes starting together take turns: the migration runs under a
+    transaction-scoped advisory lock, so the first migrates and the others find the schema
+    at head once it commits. A schema at a revision this node does not know (migrated by a
+    newer version) raises :class:`SchemaTooNewError` naming both revisions.
+    """
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
+    scripts = ScriptDirectory.from_config(config)
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        current = MigrationContext.configure(connection).get_current_heads()
+        for revision in current:
+            try:
+                scripts.get_revision(revision)
+            except (CommandError, ResolutionError):
+                raise SchemaTooNewError(
+                    f"the job log's schema is at revision {revision}, newer than this node "
+                    f"knows (its newest is {scripts.get_current_head()}); upgrade the node"
+                ) from None
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     false,
 )
 from sqlalchemy.engine import Dialect
@@ -142,7 +143,7 @@ class Instance(Base):
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     instance_number: Mapped[int | None] = mapped_column(Integer, default=None)
-    path: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)  # relative to ``[storage] data_dir``
     size: Mapped[int] = mapped_column(Integer)
     association_id: Mapped[str | None] = mapped_column(
         ForeignKey("associations.id"), default=None, index=True
@@ -173,6 +174,8 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[str] = mapped_column(String(20), default=JobState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # attempts ended from outside (kill, lost host, expired lease): not counted against the job
+    interruptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -183,8 +186,14 @@ class Job(Base):
     label: Mapped[str | None] = mapped_column(String(64), default=None)
     probability: Mapped[float | None] = mapped_column(Float, default=None)
     positive: Mapped[bool | None] = mapped_column(default=None)
+    # ``<level>:<series or study UID>:<generation>:<route>`` (route empty when skipped):
+    # unique, so assemblers of several nodes racing on one series queue one job between them.
+    unique_key: Mapped[str | None] = mapped_column(String(200), default=None)
 
-    __table_args__ = (Index("ix_jobs_claim", "state", "priority", "created_at"),)
+    __table_args__ = (
+        Index("ix_jobs_claim", "state", "priority", "created_at"),
+        UniqueConstraint("unique_key", name="uq_jobs_unique_key"),
+    )
 
 
 class Feedback(Base):
@@ -224,7 +233,7 @@ class Result(Base):
     kind: Mapped[str] = mapped_column(String(8))
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     series_instance_uid: Mapped[str] = mapped_column(String(64))
-    path: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)  # relative to ``[storage] data_dir``
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -246,7 +255,23 @@ class Delivery(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
 
-    __table_args__ = (Index("ix_deliveries_due", "state", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_deliveries_due", "state", "next_attempt_at"),
+        # One delivery per result and destination, whichever worker plans it.
+        UniqueConstraint("result_uid", "destination", name="uq_deliveries_result_destination"),
+    )
+
+
+class NodeRecord(Base):
+    """A node of the cluster and its last heartbeat: a node silent for longer than
+    ``[cluster] node_timeout_seconds`` is dead, and the others clean up after it."""
+
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    version: Mapped[str] = mapped_column(String(32), default="")
 
 
 class Event(Base):

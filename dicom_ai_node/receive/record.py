@@ -251,28 +251,24 @@ def close_association(session: Session, association_id: str, outcome: str) -> No
     )
 
 
-def close_stale_associations(session: Session, node_name: str) -> int:
-    """At startup: associations this node had open when it died can no longer send."""
-    result = session.execute(
-        update(Association)
-        .where(Association.node_name == node_name, Association.ended_at.is_(None))
-        .values(ended_at=utcnow(), outcome="lost")
-    )
-    return int(result.rowcount)  # type: ignore[attr-defined]
-
-
-def reindex(sessions: sessionmaker[Session], spool: Spool) -> int:
+def reindex(
+    sessions: sessionmaker[Session], spool: Spool, settled_before: float | None = None
+) -> int:
     """Record the spool files that the job log does not know; returns how many.
 
-    The job log commits with ``synchronous=NORMAL``: a power loss may drop its last commits
-    while the fsynced files survive, so at startup the spool is the truth. Unreadable files
-    are left alone and logged.
+    A process may die between writing a file and committing its row (and on SQLite, with
+    ``synchronous=NORMAL``, a power loss may drop the last commits while the fsynced files
+    survive), so at startup the spool is the truth. In a shared spool another live node may
+    have just written a file whose row it is about to commit: ``settled_before`` (a POSIX
+    time) limits the pass to the files written before then. Unreadable files are left alone
+    and logged.
     """
     with sessions() as session, session.begin():
         known = set(session.scalars(select(Instance.path)).all())
     added = 0
-    for path in spool.received_files():
-        if str(path) in known:
+    for path in spool.received_files(settled_before):
+        stored = spool.stored(path)
+        if stored in known:
             continue
         data = path.read_bytes()
         try:
@@ -281,7 +277,7 @@ def reindex(sessions: sessionmaker[Session], spool: Spool) -> int:
             log.error("spool file %s is not usable: %s", path, exc)
             continue
         with sessions.begin() as session:
-            record_instance(session.connection(), header, str(path), len(data), None, "")
+            record_instance(session.connection(), header, stored, len(data), None, "")
             add_event(
                 session,
                 "reindexed",

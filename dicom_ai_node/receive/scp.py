@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -441,7 +440,12 @@ class StorageSCP:
         try:
             with self.engine.begin() as connection:
                 recorded = record_instance(
-                    connection, header, str(path), len(encoded), association_id, calling
+                    connection,
+                    header,
+                    self.spool.stored(path),
+                    len(encoded),
+                    association_id,
+                    calling,
                 )
         except Exception as exc:
             log.exception("association %s: cannot record an instance", association_id)
@@ -449,5 +453,5 @@ class StorageSCP:
                 self.spool.remove(path)
             return refuse(STATUS_OUT_OF_RESOURCES, f"job log unavailable: {type(exc).__name__}")
         if recorded.old_path is not None:
-            self.spool.remove(Path(recorded.old_path))
+            self.spool.remove(self.spool.locate(recorded.old_path))
         return STATUS_SUCCESS, len(encoded)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from pydicom.dataset import Dataset
@@ -17,6 +18,14 @@ from dicom_ai_node.report.sr import build_sr
 Output = Literal["sr", "sc", "kos"]
 
 
+@dataclass(frozen=True)
+class ResultObject:
+    """One result object and which output it is."""
+
+    kind: Output
+    dataset: Dataset
+
+
 def build_results(
     sources: Sequence[Dataset],
     key_source: Dataset,
@@ -25,8 +34,8 @@ def build_results(
     outputs: Sequence[Output],
     uids: ResultUIDs,
     context: ReportContext,
-) -> list[Dataset]:
-    """The requested result objects, in the order SR, SC, KOS.
+) -> list[ResultObject]:
+    """The requested result objects, each with its kind, in the order SR, SC, KOS.
 
     ``sources`` are the series' headers, ``key_source`` the key image with its pixels
     (only read when "sc" is requested). The KOS is left out when the prediction is
@@ -35,29 +44,27 @@ def build_results(
     unknown = set(outputs) - {"sr", "sc", "kos"}
     if unknown:
         raise ValueError(f"unknown outputs: {sorted(unknown)}")
-    results: list[Dataset] = []
+    results: list[ResultObject] = []
     if "sr" in outputs:
-        results.append(
-            build_sr(
-                sources,
-                prediction,
-                card,
-                series_uid=uids.sr_series,
-                sop_instance_uid=uids.sr_instance,
-                context=context,
-            )
+        sr = build_sr(
+            sources,
+            prediction,
+            card,
+            series_uid=uids.sr_series,
+            sop_instance_uid=uids.sr_instance,
+            context=context,
         )
+        results.append(ResultObject("sr", sr))
     if "sc" in outputs:
-        results.append(
-            build_sc(
-                key_source,
-                prediction,
-                card,
-                series_uid=uids.sc_series,
-                sop_instance_uid=uids.sc_instance,
-                context=context,
-            )
+        sc = build_sc(
+            key_source,
+            prediction,
+            card,
+            series_uid=uids.sc_series,
+            sop_instance_uid=uids.sc_instance,
+            context=context,
         )
+        results.append(ResultObject("sc", sc))
     if "kos" in outputs:
         kos = build_kos(
             sources,
@@ -68,5 +75,5 @@ def build_results(
             context=context,
         )
         if kos is not None:
-            results.append(kos)
+            results.append(ResultObject("kos", kos))
     return results

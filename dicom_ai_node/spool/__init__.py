@@ -6,6 +6,11 @@ DICOM Part 10 file: preamble, file meta, the data set as encoded on the wire);
 atomically (temporary file, fsync, rename, fsync of the folder), so a crash leaves either the
 whole file or nothing, never half of one. Files hold patient data: they are readable by the
 service user only (files 0600, folders 0700, whatever the umask).
+
+Several nodes may share one spool (a network file system mounted on each host, maybe at
+different paths): the job log stores paths relative to the spool's root (:meth:`Spool.stored`),
+and each temporary file carries the name of the node writing it, so that a node cleaning up
+after a crash removes only its own partial files and those of nodes known to be dead.
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 # PS3.5 Section 9.1: a UID is digits and dots, at most 64 characters. Only such strings are
 # used as path components, so a UID cannot name "..", contain "/" or escape the spool.
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TMP_PREFIX = ".tmp-"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class InvalidUIDError(ValueError):
@@ -43,11 +49,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class Spool:
-    """The spool folder of one node."""
+def _tmp_owner(name: str) -> str:
+    """The node that wrote temporary file ``name``: ``.tmp-<32 hex>-<node>`` ("" for the
+    unnamed temporary files of older versions)."""
+    return name[len(_TMP_PREFIX) + 33 :]
 
-    def __init__(self, root: Path) -> None:
+
+class Spool:
+    """The spool folder, as used by node ``node_name`` (its name marks its partial files)."""
+
+    def __init__(self, root: Path, node_name: str = "") -> None:
         self.root = root
+        self.node_name = _UNSAFE.sub("_", node_name)
         self.incoming = root / "incoming"
         self.outbox = root / "outbox"
         for folder in (self.incoming, self.outbox):
@@ -81,7 +94,7 @@ class Spool:
         if created:
             for new in (folder.parent, folder):  # the study's and the series' folders
                 new.mkdir(mode=0o700, exist_ok=True)
-        tmp = folder / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        tmp = folder / f"{_TMP_PREFIX}{uuid.uuid4().hex}-{self.node_name}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)
@@ -117,17 +130,34 @@ class Spool:
         with contextlib.suppress(OSError):  # other series of the study remain
             study_folder.rmdir()
 
-    def received_files(self) -> Iterator[Path]:
-        """Every received instance file (for re-indexing after a crash)."""
-        yield from self.incoming.glob("*/*/*.dcm")
+    def stored(self, path: Path) -> str:
+        """How the job log records ``path``: relative to the spool's root."""
+        return path.relative_to(self.root).as_posix()
 
-    def clean_temporary(self) -> int:
-        """Delete temporary files left by a crash mid-write; returns how many."""
+    def locate(self, stored: str) -> Path:
+        """The file the job log records as ``stored`` (an absolute path is kept as is)."""
+        return self.root / stored
+
+    def received_files(self, settled_before: float | None = None) -> Iterator[Path]:
+        """Every received instance file (for re-indexing after a crash); with
+        ``settled_before`` (a POSIX time), only those last written before then."""
+        for path in self.incoming.glob("*/*/*.dcm"):
+            if settled_before is None or path.stat().st_mtime < settled_before:
+                yield path
+
+    def clean_temporary(self, dead_nodes: Collection[str] = ()) -> int:
+        """Delete the temporary files a crash mid-write left, of this node, of the nodes
+        ``dead_nodes`` and of older versions (unnamed); returns how many.
+
+        Another live node's temporary files are files it is writing now: they stay.
+        """
+        owners = {"", self.node_name, *(_UNSAFE.sub("_", name) for name in dead_nodes)}
         count = 0
         for base in (self.incoming, self.outbox):
             for tmp in base.glob(f"*/*/{_TMP_PREFIX}*"):
-                tmp.unlink(missing_ok=True)
-                count += 1
+                if _tmp_owner(tmp.name) in owners:
+                    tmp.unlink(missing_ok=True)
+                    count += 1
         return count
 
     def free_bytes(self) -> int:

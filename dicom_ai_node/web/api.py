@@ -42,6 +42,7 @@ class WebContext:
     metrics: NodeMetrics
     destinations: Sequence[DestinationSettings]
     node_name: str
+    data_dir: Path  # the spool's root: the job log's paths are relative to it
 
     def destination_status(self, session: Session) -> list[queries.DestinationStatus]:
         configured = [(d.name, f"{d.ae_title}@{d.host}:{d.port}") for d in self.destinations]
@@ -198,7 +199,7 @@ def api_router(ctx: WebContext) -> APIRouter:
         if result is None or result.kind != "sc":
             raise HTTPException(404, f"no result image {sop_instance_uid}")
         try:
-            png = dicom_to_png(Path(result.path))
+            png = dicom_to_png(ctx.data_dir / result.path)
         except FileNotFoundError:
             raise HTTPException(404, f"the file of {sop_instance_uid} is gone") from None
         return Response(png, media_type="image/png", headers={"Cache-Control": "private"})

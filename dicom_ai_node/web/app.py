@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -25,6 +26,7 @@ def create_app(
     metrics: NodeMetrics,
     destinations: Sequence[DestinationSettings] = (),
     node_name: str = "",
+    data_dir: Path = Path(),
     refresh_seconds: int = 15,
 ) -> FastAPI:
     """The app of one node. The OpenAPI schema is at ``/openapi.json``; the interactive
@@ -32,7 +34,9 @@ def create_app(
     Pages and API reads use ``read_sessions`` (which on SQLite take no write lock) when
     given."""
     auth = TokenAuth(token)
-    ctx = WebContext(sessions, read_sessions or sessions, health, metrics, destinations, node_name)
+    ctx = WebContext(
+        sessions, read_sessions or sessions, health, metrics, destinations, node_name, data_dir
+    )
     app = FastAPI(
         title="dicom-ai-node",
         version=__version__,

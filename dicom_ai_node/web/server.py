@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
@@ -43,6 +44,7 @@ class HttpServer:
         token: str = "",
         destinations: Sequence[DestinationSettings] = (),
         node_name: str = "",
+        data_dir: Path = Path(),
         refresh_seconds: int = 15,
     ) -> None:
         configured = token or os.environ.get(TOKEN_ENV, "")
@@ -58,6 +60,7 @@ class HttpServer:
             metrics=metrics,
             destinations=destinations,
             node_name=node_name,
+            data_dir=data_dir,
             refresh_seconds=refresh_seconds,
         )
         self._server: uvicorn.Server | None = None

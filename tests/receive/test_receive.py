@@ -28,6 +28,8 @@ from dicom_ai_node.jobs.models import Association, Instance, Series
 from dicom_ai_node.node import Node
 from tests.support.helpers import instance, run_tool, wait_for, write
 
+pytestmark = pytest.mark.peers
+
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 # One file of every transfer syntax in pydicom's own test data.
@@ -88,8 +90,8 @@ def test_storescu_file_is_stored_byte_for_byte(node: Node, tmp_path: Path) -> No
     run_tool("storescu", "-aec", "AINODE", "127.0.0.1", str(node.scp.port), str(sent))
     ds = dcmread(sent, stop_before_pixels=True)
     row = stored(node)[ds.SOPInstanceUID]
-    assert dataset_bytes(Path(row.path)) == dataset_bytes(sent)
-    assert Path(row.path).relative_to(node.spool.incoming).parts == (
+    assert dataset_bytes(node.spool.locate(row.path)) == dataset_bytes(sent)
+    assert node.spool.locate(row.path).relative_to(node.spool.incoming).parts == (
         ds.StudyInstanceUID,
         ds.SeriesInstanceUID,
         f"{ds.SOPInstanceUID}.dcm",
@@ -116,9 +118,9 @@ def test_every_transfer_syntax_is_stored_as_sent(node: Node, name: str, tmp_path
     if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
         # DCMTK deflates the data set anew when sending (and pads the stream to an even
         # length), so the bytes on the wire are not the file's: compare what they encode.
-        assert dcmread(row.path) == dcmread(sent)
+        assert dcmread(node.spool.locate(row.path)) == dcmread(sent)
     else:
-        assert dataset_bytes(Path(row.path)) == dataset_bytes(sent)
+        assert dataset_bytes(node.spool.locate(row.path)) == dataset_bytes(sent)
 
 
 def test_compressed_syntax_is_preferred_when_offered_beside_uncompressed(node: Node) -> None:
@@ -202,7 +204,7 @@ def test_several_senders_at_once_lose_nothing(node: Node) -> None:
     assert len(rows) == len(sent), (len(rows), len(sent))
     assert sorted(rows) == sorted(sent)
     assert len(sent) == senders * per_sender
-    assert all(Path(row.path).is_file() for row in rows.values())
+    assert all(node.spool.locate(row.path).is_file() for row in rows.values())
     with node.sessions() as session:
         counts = session.scalars(select(Series.instance_count)).all()
         assocs = session.scalars(select(Association).where(Association.instances > 0)).all()
@@ -229,7 +231,7 @@ def test_duplicate_sop_instance_replaces_and_is_counted_once(node: Node) -> None
     assert [s.Status for s in statuses] == [0, 0]
     rows = stored(node)
     assert list(rows) == [first.SOPInstanceUID]
-    assert dcmread(rows[first.SOPInstanceUID].path).PatientName == "Second^Copy"
+    assert dcmread(node.spool.locate(rows[first.SOPInstanceUID].path)).PatientName == "Second^Copy"
     with node.sessions() as session:
         series = session.get(Series, first.SeriesInstanceUID)
         assert series is not None and series.instance_count == 1

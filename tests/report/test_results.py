@@ -15,7 +15,9 @@ SERIES_P = [0.2, 0.7, 0.9, 0.6, 0.1]
 
 def _results(ct_series, prediction, card, context, outputs=("sr", "sc", "kos"), seed="job-1"):
     key = next(ds for ds in ct_series if ds.SOPInstanceUID == prediction.key_image.sop_instance_uid)
-    return build_results(ct_series, key, prediction, card, outputs, result_uids(seed), context)
+    built = build_results(ct_series, key, prediction, card, outputs, result_uids(seed), context)
+    assert [r.kind for r in built] == [o for o in ("sr", "sc", "kos") if o in outputs][: len(built)]
+    return [r.dataset for r in built]
 
 
 def test_outputs_and_new_series(ct_series, predict, card, context):
@@ -51,6 +53,7 @@ def test_same_seed_same_uids_and_bytes(ct_series, predict, card, context):
     assert encoded() == encoded()
 
 
+@pytest.mark.peers
 def test_pixelmed_validates_sr_and_kos(tmp_path, ct_series, cr_mono1, predict, card, context):
     """DicomSRValidator on the multi-image SR, the radiograph SR and the KOS, in parallel
     (one JVM each takes ~10 s). Errors fail; its warnings are listed in docs/results.md."""

@@ -1,88 +1,32 @@
-"""The job log on a real PostgreSQL: migrations, the SKIP LOCKED claim, a node's receipt.
-
-A throwaway cluster (Debian's ``postgresql``) is started on a free loopback port in a
-temporary folder, as the ``postgres`` user (PostgreSQL refuses to run as root).
-"""
+"""The job log on a real PostgreSQL: migrations, the SKIP LOCKED claim, a node's receipt."""
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
+from dicom_ai_node.jobs.db import session_factory
 from dicom_ai_node.jobs.models import Instance, Job, Series
 from dicom_ai_node.jobs.queue import JobSpec, enqueue
 from dicom_ai_node.node import Node
-from tests.support.helpers import claim_from_threads, free_port, instance, wait_for
+from tests.support.helpers import claim_from_threads, instance, wait_for
+from tests.support.postgres import empty_job_log, postgres_server
 
-
-def _postgres_bin() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    if not found:
-        pytest.fail("PostgreSQL is not installed; run `make test`, which installs it")
-    return Path(found[-1]).parent
+pytestmark = pytest.mark.peers
 
 
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     """A database on a PostgreSQL cluster of its own, for this module's tests."""
-    bin_dir = _postgres_bin()
-    folder = Path(tempfile.mkdtemp(prefix="ainode-pg-"))
-    folder.chmod(0o755)
-    data = folder / "data"
-    data.mkdir()
-    shutil.chown(data, "postgres", "postgres")
-    port = free_port()
-
-    def as_postgres(*args: str) -> None:
-        subprocess.run(
-            ["runuser", "-u", "postgres", "--", *args],
-            check=True,
-            capture_output=True,
-            cwd=folder,
-        )
-
-    as_postgres(str(bin_dir / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres")
-    as_postgres(
-        str(bin_dir / "pg_ctl"),
-        "-D",
-        str(data),
-        "-l",
-        str(data / "server.log"),
-        "-o",
-        f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off",
-        "-w",
-        "start",
-    )
-    try:
-        as_postgres(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "ainode")
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/ainode"
-    finally:
-        as_postgres(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def empty_job_log(url: str) -> Engine:
-    """An engine on the migrated, emptied job log at ``url`` (each test starts afresh)."""
-    engine = create_db_engine(url)
-    upgrade(engine)
-    with engine.begin() as connection:
-        connection.exec_driver_sql(
-            "TRUNCATE jobs, predictions, results, deliveries, events, instances, series, "
-            "studies, associations CASCADE"
-        )
-    return engine
+    with postgres_server() as url:
+        yield url
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import select
@@ -21,6 +22,8 @@ from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support.helpers import run_tool, wait_for
 from tests.support.validators import dciodvfy_errors, dcmtk_sr, sr_validator
+
+pytestmark = pytest.mark.peers
 
 MEANINGS = {"head-ct-hemorrhage-demo": "Intracranial hemorrhage", "cxr-opacity-demo": "opacity"}
 
@@ -62,16 +65,19 @@ def test_node_output_passes_the_validators(
     assert all(by_job[r.job_id].positive for r in results)
 
     for result in results:
-        assert dciodvfy_errors(result.path) == [], result.kind
+        assert dciodvfy_errors(node.spool.locate(result.path)) == [], result.kind
     for result in results:
         if result.kind != "sr":
             continue
         job = by_job[result.job_id]
-        html = dcmtk_sr("dsr2html", result.path)
-        probability = series_probability(dcmread(result.path))
+        path = node.spool.locate(result.path)
+        html = dcmtk_sr("dsr2html", path)
+        probability = series_probability(dcmread(path))
         assert abs(float(probability) - float(job.probability or 0)) < 1e-3
         assert MEANINGS[str(job.model)] in html
         assert probability in html
     documents = [r for r in results if r.kind in ("sr", "kos")]
-    for result, findings in zip(documents, sr_validator([r.path for r in documents]), strict=True):
+    for result, findings in zip(
+        documents, sr_validator([node.spool.locate(r.path) for r in documents]), strict=True
+    ):
         assert findings.errors == [], f"{result.kind}: {findings.errors}"

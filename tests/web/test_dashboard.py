@@ -21,6 +21,8 @@ from dicom_ai_node.web.server import HttpServer
 from tests.support.helpers import wait_for
 from tests.support.joblog import TOKEN
 
+pytestmark = pytest.mark.peers
+
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
@@ -79,6 +81,7 @@ def test_dashboard_of_a_node_that_read_two_studies(
         port=0,
         token=TOKEN,
         node_name=node.settings.node_name,
+        data_dir=node.settings.storage.data_dir,
     )
     http.start()
     try:

@@ -1,0 +1,119 @@
+"""The assembler loop: completes series and studies, routes them to jobs, applies retention.
+
+It takes what it works with explicitly (the job log, the rules, the spool) and tells whoever
+runs it that jobs were queued through ``on_queued``; it knows nothing of the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_ai_node.assemble import complete_series, complete_studies
+from dicom_ai_node.config import AssembleSettings, RouteSettings
+from dicom_ai_node.jobs.loop import PollingLoop
+from dicom_ai_node.jobs.models import utcnow
+from dicom_ai_node.jobs.queue import enqueue, record_skipped
+from dicom_ai_node.jobs.store import add_event
+from dicom_ai_node.route import plan_series, plan_study
+from dicom_ai_node.spool import Spool
+from dicom_ai_node.spool.retention import prune
+
+log = logging.getLogger(__name__)
+
+PRUNE_INTERVAL_SECONDS = 600.0
+
+
+class Assembler(PollingLoop):
+    """Every poll: complete series and studies and queue their jobs; now and then, prune
+    the received files older than ``retention_days`` (0: keep them)."""
+
+    thread_name = "assemble"
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        rules: Sequence[RouteSettings],
+        settings: AssembleSettings,
+        spool: Spool,
+        *,
+        retention_days: float = 0.0,
+        on_queued: Callable[[], None] = lambda: None,
+    ) -> None:
+        super().__init__(settings.poll_seconds)
+        self.sessions = sessions
+        self.rules = rules
+        self.settings = settings
+        self.spool = spool
+        self.retention_days = retention_days
+        self.on_queued = on_queued
+        self._next_prune = 0.0
+
+    def run_once(self) -> bool:
+        if self.assemble_once():
+            self.on_queued()
+        if self.retention_days and time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PRUNE_INTERVAL_SECONDS
+            self.prune_once()
+        return False  # the next pass is due at the next poll, whatever this one found
+
+    def prune_once(self) -> int:
+        """Apply ``[storage] retention_days``; returns how many series were pruned."""
+        with self.sessions.begin() as session:
+            pruned = prune(session, self.spool, utcnow(), self.retention_days)
+        if pruned:
+            log.info("retention: deleted the received files of %d processed series", pruned)
+        return pruned
+
+    def assemble_once(self) -> int:
+        """Complete what is complete and queue its jobs; returns how many jobs were queued."""
+        stable = self.settings.stable_seconds
+        queued = 0
+        with self.sessions.begin() as session:
+            now = utcnow()
+            for series in complete_series(session, now, stable):
+                specs, reason = plan_series(self.rules, series)
+                add_event(
+                    session,
+                    "series_complete",
+                    f"series complete: {series.instance_count} instances, {series.modality}",
+                    study=series.study_instance_uid,
+                    series=series.series_instance_uid,
+                    generation=series.generation,
+                )
+                if reason:
+                    skipped = record_skipped(
+                        session,
+                        series.study_instance_uid,
+                        series.series_instance_uid,
+                        series.generation,
+                        series.modality,
+                        reason,
+                    )
+                    if skipped is not None:
+                        log.info(
+                            "job %d skipped: series %s: %s",
+                            skipped.id,
+                            series.series_instance_uid,
+                            reason,
+                            extra={"job_id": skipped.id},
+                        )
+                for job in enqueue(session, specs):
+                    log.info(
+                        "job %d queued: route %s, model %s",
+                        job.id,
+                        job.route,
+                        job.model,
+                        extra={"job_id": job.id},
+                    )
+                    queued += 1
+            for study in complete_studies(session, now, stable):
+                for job in enqueue(session, plan_study(self.rules, study)):
+                    log.info(
+                        "job %d queued: study route %s", job.id, job.route, extra={"job_id": job.id}
+                    )
+                    queued += 1
+        return queued
