@@ -60,6 +60,6 @@ def test_converted_chest_model_labels_studies_through_the_scp(
     with node.read_sessions() as session:
         results = session.scalars(select(Result).where(Result.job_id == positive.id)).all()
     assert {r.kind for r in results} == {"sr", "sc"}
-    sr = dcmread(next(r.path for r in results if r.kind == "sr"))
+    sr = dcmread(node.spool.locate(next(r.path for r in results if r.kind == "sr")))
     texts = {str(e.value) for e in sr.iterall() if e.keyword == "TextValue"}
     assert f"weights sha256 {model.weights_sha256}" in texts
