@@ -12,11 +12,11 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from dicom_ai_node.infer import BUNDLED_MODELS_DIR, LoadedModel
-from dicom_ai_node.jobs.models import Job, Result
+from dicom_ai_node.jobs.models import Result
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.support.helpers import run_tool, wait_for
 from tests.support.models import Kind, convert_package
+from tests.support.nodes import done_jobs, store_study
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
@@ -43,16 +43,8 @@ def test_converted_chest_model_labels_studies_through_the_scp(
     routes = [{**shipped_routes[0], "model": model.card.name}]
     node = node_factory(models={model.card.name: model}, routes=routes)
     for study in studies.values():
-        run_tool(
-            "storescu", "+sd", "+r", "-aec", "AINODE", "127.0.0.1", str(node.scp.port), str(study)
-        )
-
-    def finished() -> list[Job] | None:
-        with node.read_sessions() as session:
-            jobs = list(session.scalars(select(Job).where(Job.state == "done")))
-        return jobs if len(jobs) == 2 else None
-
-    by_study = {job.study_instance_uid: job for job in wait_for(finished, timeout=120)}
+        store_study(node, study)
+    by_study = {job.study_instance_uid: job for job in done_jobs(node, 2)}
     positive = by_study[studies[Label.POSITIVE].name]
     negative = by_study[studies[Label.NEGATIVE].name]
     assert (positive.label, positive.positive) == ("opacity", True)

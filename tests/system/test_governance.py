@@ -21,7 +21,8 @@ from dicom_ai_node.jobs.models import Delivery, Job
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
 from dicom_ai_node.web.models import Notification
-from tests.support.helpers import free_port, make_settings, run_tool, wait_for
+from tests.support.helpers import free_port, make_settings, wait_for
+from tests.support.nodes import done_jobs, store_study
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
@@ -49,7 +50,7 @@ def test_shadow_route_records_but_delivers_and_notifies_nothing_then_feedback(
 ) -> None:
     node = node_factory(models={MODEL: demo_models[MODEL]}, **settings(free_port()))
     (study,) = generate_studies(Task.CXR_OPACITY, Label.POSITIVE, 1, tmp_path / "in", seed=4242)
-    run_tool("storescu", "+sd", "+r", "-aec", "AINODE", "127.0.0.1", str(node.scp.port), str(study))
+    store_study(node, study)
 
     def finished() -> dict[str, Job] | None:
         with node.read_sessions() as session:
@@ -130,8 +131,8 @@ def test_changed_weights_under_the_same_version_are_refused(
 ) -> None:
     node = node_factory(models={MODEL: demo_models[MODEL]}, routes=[{**LIVE, "destinations": []}])
     (study,) = generate_studies(Task.CXR_OPACITY, Label.NEGATIVE, 1, tmp_path / "in", seed=7)
-    run_tool("storescu", "+sd", "+r", "-aec", "AINODE", "127.0.0.1", str(node.scp.port), str(study))
-    wait_for(lambda: [j for j in _rows(node, Job) if j.state == "done"], timeout=60)
+    store_study(node, study)
+    done_jobs(node, 1)
     node.stop()
     # Same name and version, other weights (the same network saved again is other bytes).
     package = shutil.copytree(BUNDLED_MODELS_DIR / MODEL, tmp_path / "changed")
