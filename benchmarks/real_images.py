@@ -74,7 +74,7 @@ def to_dicom(label: str, jpeg: Path, out: Path) -> Path:
     ds.SOPInstanceUID = generate_uid(entropy_srcs=[jpeg.name, "instance"])
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.PatientName = patient_of(jpeg)
+    ds.PatientName = f"{patient_of(jpeg)}^"  # one component: a trailing caret (PS3.5 6.2.1.2)
     ds.PatientID = patient_of(jpeg)
     ds.PatientBirthDate = ""
     ds.PatientSex = ""

@@ -98,3 +98,45 @@ def test_two_sets_of_weights_are_refused(
     shutil.copy(tiny_package / "model.keras", package)
     with pytest.raises(ModelPackageError, match=r"more than one set of weights"):
         LoadedModel(package)
+
+
+def test_nchw_onnx_network_as_pytorch_exports_it(
+    tmp_path: Path, tiny_card: ModelCard, ct_series: list[Path]
+):
+    """An NCHW graph (mean of the image -> 2 logits -> softmax) runs with layout = "NCHW"."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "nchw",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 1, 32, 32])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", 2])],
+        [
+            helper.make_tensor("w", TensorProto.FLOAT, [1, 2], [-4.0, 4.0]),
+            helper.make_tensor("b", TensorProto.FLOAT, [2], [1.0, -1.0]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    card = tiny_card.model_copy(
+        update={"name": "nchw", "input": InputSpec(height=32, width=32, layout="NCHW")}
+    )
+    package = tmp_path / "nchw"
+    package.mkdir()
+    onnx.save(model, package / "model.onnx")
+    card.dump(package / "model.toml")
+    loaded = LoadedModel(package, batch_size=2)
+    assert loaded.backend.parameters == 4
+    result = loaded.predict_series(ct_series)
+    for image in result.images:  # p(hemorrhage) = softmax(8 * mean - 2)
+        assert 0.0 < image.probabilities["hemorrhage"] < 1.0
+    assert result.key_image.heatmap is not None and result.explanation == "occlusion"
+    with pytest.raises(ModelPackageError, match=r"nhwc.*\(32, 32, 1\) but the weights take"):
+        card = card.model_copy(update={"name": "nhwc", "input": InputSpec(height=32, width=32)})
+        LoadedModel(package, card=card)
