@@ -160,10 +160,49 @@ def pipeline(dicom_root: Path) -> None:
         print(f"{name}: {hits}/{hits + misses} (95% Wilson {low:.2f} to {high:.2f})")
 
 
+def pictures(root: Path, out: Path) -> None:
+    """pydicom-data's real chest CR ``RG1`` (MONOCHROME1, 15 bits stored; uncompressed and
+    JPEG 2000 lossless) through the chest model's preprocessing and Grad-CAM, as PNGs:
+    the model input and the Secondary Capture pixels the node would send."""
+    from pydicom import dcmread
+
+    from dicom_ai_node.infer import load_models
+    from dicom_ai_node.infer.preprocess import to_model_input
+    from dicom_ai_node.report.render import render
+
+    (wheel,) = root.glob("pydicom_data-*.whl")
+    model = load_models([], heatmaps="all")["cxr-opacity-demo"]
+    out.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as archive, tempfile.TemporaryDirectory() as tmp:
+        for name in ("RG1_UNCR", "RG1_J2KR"):
+            path = Path(tmp) / f"{name}.dcm"
+            path.write_bytes(archive.read(f"data_store/data/{name}.dcm"))
+            ds = dcmread(path)
+            image = to_model_input(ds, model.card.input, model.card.preprocessing)
+            result = model.predict_series([path])
+            key = result.key_image
+            print(
+                f"{name}: {ds.Rows}x{ds.Columns} {ds.PhotometricInterpretation}, "
+                f"{ds.BitsStored} bits stored, {ds.file_meta.TransferSyntaxUID.name}; "
+                f"input min {image.min():.3f} mean {image.mean():.3f} max {image.max():.3f}; "
+                f"{result.label} p(opacity) {result.probability:.3f}"
+            )
+            if name != "RG1_UNCR":  # the same pixels (lossless): the figures above suffice
+                continue
+            grey = np.round(image[..., 0] * 255).astype(np.uint8)
+            Image.fromarray(grey).save(out / f"{name.lower()}-input.png")
+            lines = [(f"AI: {result.label} {result.probability:.0%} (demo model)", (255, 255, 0))]
+            pixels = render(ds, None, key.heatmap, lines, model.card.preprocessing.keep_aspect)
+            Image.fromarray(pixels).resize((512, 512 * pixels.shape[0] // pixels.shape[1])).save(
+                out / f"{name.lower()}-sc.png"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="where make real-data downloaded the wheels")
     parser.add_argument("--pipeline", action="store_true", help="also run the whole node")
+    parser.add_argument("--pictures", type=Path, help="write pydicom-data RG1 pictures here")
     args = parser.parse_args()
     for folder in ("jpeg", "dicom"):
         shutil.rmtree(args.root / folder, ignore_errors=True)
@@ -173,6 +212,8 @@ def main() -> None:
     print(f"{len(images)} images in {args.root / 'jpeg'} and {args.root / 'dicom'}")
     if args.pipeline:
         pipeline(args.root / "dicom")
+    if args.pictures:
+        pictures(args.root, args.pictures)
 
 
 if __name__ == "__main__":
