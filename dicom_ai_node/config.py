@@ -71,6 +71,27 @@ def _networks(values: list[str]) -> list[str]:
     return values
 
 
+class ConnectionLimits(_Section):
+    """What one peer may hold of the DICOM listener before and after it associates (see
+    ``docs/security.md``): pending connections have not yet sent their A-ASSOCIATE-RQ."""
+
+    pre_association_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds a new connection has for its TLS handshake and A-ASSOCIATE-RQ",
+    )
+    max_pending_per_address: int = Field(default=4, ge=1)
+    max_pending: int = Field(default=32, ge=1)
+    max_associations_per_address: int = Field(default=5, ge=1)
+    max_associations_per_ae: int = Field(default=5, ge=1)
+    min_bytes_per_second: float = Field(
+        default=1024,
+        ge=0,
+        description="A peer slower than this mid-PDU is cut off after the grace; 0 = no floor",
+    )
+    slow_sender_grace_seconds: float = Field(default=10.0, gt=0)
+
+
 class DicomSettings(_Section):
     """The DICOM listener (the SCP that a PACS sends to)."""
 
@@ -86,6 +107,7 @@ class DicomSettings(_Section):
         '"*" applies to the AE titles not listed; absent = any address',
     )
     tls: TlsSettings = TlsSettings()
+    limits: ConnectionLimits = ConnectionLimits()
     maximum_associations: int = Field(default=10, ge=1)
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=30.0, gt=0)
@@ -150,6 +172,30 @@ class HttpSettings(_Section):
     port: int = Field(default=8080, ge=0, le=65535)
     token: str = ""
     public_url: str = Field(default="", description="Where users reach the dashboard")
+
+
+class AuditSettings(_Section):
+    """The audit trail (PS3.15 A.5): always in the job log; also sent to a syslog audit
+    repository (RFC 5424 over TCP, or TLS with ``tls``) when ``syslog`` is set."""
+
+    syslog: str = Field(default="", description='"host:port" of the audit repository; "" = none')
+    tls: bool = False
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    enterprise_site_id: str = ""
+    queue_size: int = Field(default=10000, ge=1)
+    retry_base_seconds: float = Field(default=1.0, gt=0)
+    retry_max_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("syslog")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{value!r} is not host:port")
+        return value
 
 
 class AssembleSettings(_Section):
@@ -308,6 +354,7 @@ class Settings(BaseSettings):
     assemble: AssembleSettings = AssembleSettings()
     worker: WorkerSettings = WorkerSettings()
     dispatch: DispatchSettings = DispatchSettings()
+    audit: AuditSettings = AuditSettings()
     models: ModelsSettings = ModelsSettings()
     cluster: ClusterSettings = ClusterSettings()
     logging: LoggingSettings = LoggingSettings()

@@ -13,14 +13,20 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import text
 
 from dicom_ai_node import __version__
 from dicom_ai_node.assemble.loop import Assembler
+from dicom_ai_node.audit.messages import MINOR_FAILURE, SUCCESS, Peer, transferred_event
+from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import ConfigError, Settings
 from dicom_ai_node.dispatch.deliveries import Dispatcher, release_leases
+from dicom_ai_node.dispatch.scu import SendOutcome
 from dicom_ai_node.jobs.crashes import CrashRecords, summary
 from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, upgrade
+from dicom_ai_node.jobs.models import utcnow
 from dicom_ai_node.jobs.nodes import (
     Heartbeat,
     close_associations,
@@ -44,6 +50,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+AUDITED_TAGS = ["StudyInstanceUID", "PatientID", "SOPClassUID"]
+
 
 class Node:
     """A running node. ``start()`` returns once it listens; ``stop()`` shuts it down cleanly.
@@ -59,10 +67,14 @@ class Node:
         self.sessions = session_factory(self.engine)
         self.read_sessions = session_factory(read_only(self.engine))
         self.spool = Spool(settings.storage.data_dir, settings.node_name)
+        self.metrics = NodeMetrics(self.read_sessions)
+        self.audit = AuditTrail(
+            self.sessions, settings.audit, settings.node_name, self.metrics.audit_message
+        )
         self.crashes = CrashRecords(settings.storage.data_dir)
         self.limits = AttemptLimits(settings.worker.max_attempts, settings.worker.max_interruptions)
         self.models = models if models is not None else self._load_models()
-        self.metrics = NodeMetrics(self.read_sessions, self._expected_rates())
+        self.metrics.expected.update(self._expected_rates())
         extra = tuple(
             sorted({key for route in settings.routes for key in route.where} - {"CallingAETitle"})
         )
@@ -74,6 +86,7 @@ class Node:
             min_free_bytes=settings.storage.min_free_mb * 1024 * 1024,
             extra_keywords=extra,
             metrics=self.metrics,
+            audit=self.audit,
         )
         self.runner = JobRunner(
             settings,
@@ -84,6 +97,7 @@ class Node:
             self.owner,
             self.metrics,
             on_results=self._results_written,
+            audit=self.audit,
         )
         self.worker = Worker(
             self.sessions,
@@ -101,7 +115,7 @@ class Node:
             settings.dicom.ae_title,
             self.owner,
             self.spool,
-            on_outcome=lambda name, outcome: self.metrics.dispatch_attempt(name, outcome.ok),
+            on_outcome=self._dispatched,
             on_delivered=lambda seconds: self.metrics.end_to_end_seconds(seconds, "delivered"),
         )
         self.http = HttpServer(
@@ -115,6 +129,7 @@ class Node:
             destinations=settings.destinations,
             node_name=settings.node_name,
             data_dir=settings.storage.data_dir,
+            audit=self.audit,
         )
         self.notifier = Notifier(
             self.sessions,
@@ -231,6 +246,7 @@ class Node:
                 cleaned,
                 reindexed,
             )
+        self.audit.start()
         self.scp.start()
         self.heartbeat.start()
         self.assembler.start()
@@ -251,6 +267,28 @@ class Node:
         self.notifier.wake()
         if deliveries:
             self.dispatcher.wake()
+
+    def _dispatched(self, name: str, outcome: SendOutcome) -> None:
+        """Count a C-STORE of a result and audit it (PS3.15 A.5.3.4, instances sent)."""
+        self.metrics.dispatch_attempt(name, outcome.ok)
+        destination = next(d for d in self.settings.destinations if d.name == name)
+        try:
+            ds = dcmread(outcome.path, stop_before_pixels=True, specific_tags=AUDITED_TAGS)
+        except (OSError, InvalidDicomError) as exc:
+            log.warning("audit: cannot read %s: %s", outcome.path, exc)
+            return
+        self.audit.record(
+            transferred_event(
+                Peer(self.settings.dicom.ae_title, self.settings.dicom.bind),
+                Peer(destination.ae_title, destination.host),
+                str(ds.get("StudyInstanceUID", "")),
+                str(ds.get("PatientID", "")),
+                {str(ds.get("SOPClassUID", "")): 1},
+                utcnow(),
+                received=False,
+                outcome=SUCCESS if outcome.ok else MINOR_FAILURE,
+            )
+        )
 
     def health(self) -> list[str]:
         """What is wrong with the node (nothing = healthy), for ``/healthz``."""
@@ -279,4 +317,5 @@ class Node:
         self.worker.stop()
         self.dispatcher.stop()
         self.notifier.stop()
+        self.audit.stop()
         self.engine.dispose()

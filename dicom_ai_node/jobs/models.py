@@ -288,3 +288,19 @@ class Event(Base):
     association_id: Mapped[str | None] = mapped_column(String(36), default=None)
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class AuditRecord(Base):
+    """One DICOM audit message (PS3.15 A.5), append-only: never updated or deleted.
+
+    ``message`` is the XML as sent to the audit repository; ``event_id`` its EventID code
+    (``110104``...) and ``outcome`` its EventOutcomeIndicator, for querying.
+    """
+
+    __tablename__ = "audit_records"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    event_id: Mapped[str] = mapped_column(String(16), index=True)
+    outcome: Mapped[int] = mapped_column(Integer)
+    message: Mapped[str] = mapped_column(Text)

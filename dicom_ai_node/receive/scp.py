@@ -14,8 +14,9 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -33,13 +34,22 @@ from pynetdicom.dimse_primitives import C_STORE
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_ai_node.audit.messages import (
+    Peer,
+    alert_event,
+    association_event,
+    transferred_event,
+)
+from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DicomSettings
+from dicom_ai_node.jobs.models import utcnow
 from dicom_ai_node.jobs.store import add_event
 from dicom_ai_node.receive.access import AddressPolicy
+from dicom_ai_node.receive.guard import ConnectionGuard, GuardedAE
 from dicom_ai_node.receive.header import UnreadableInstanceError, read_header
 from dicom_ai_node.receive.record import close_association, open_association, record_instance
 from dicom_ai_node.spool import InvalidUIDError, Spool
-from dicom_ai_node.tls import TlsAE, server_context
+from dicom_ai_node.tls import server_context
 from dicom_ai_node.web.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
@@ -75,8 +85,15 @@ class _AssociationInfo:
     calling_ae_title: str
     peer: str
     started: float
+    called: Peer
     stored: int = 0
     failed: int = 0
+    # study -> (patient ID, SOP Class UID -> instances stored), for the audit trail
+    studies: dict[str, tuple[str, Counter[str]]] = field(default_factory=dict)
+
+    @property
+    def requestor(self) -> Peer:
+        return Peer(self.calling_ae_title, self.peer.rsplit(":", 1)[0])
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -104,8 +121,10 @@ class StorageSCP:
         min_free_bytes: int = 0,
         extra_keywords: tuple[str, ...] = (),
         metrics: NodeMetrics | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.settings = settings
+        self.audit = audit
         self.spool = spool
         self.sessions = sessions
         engine = sessions.kw["bind"]
@@ -121,13 +140,19 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._server: Any = None
         self._addresses = AddressPolicy(settings.allowed_addresses)
+        self.guard = ConnectionGuard(
+            settings.limits,
+            self._addresses,
+            metrics.connection_refused if metrics is not None else None,
+            self._record_connection_refused,
+        )
         self._ssl_context = server_context(settings.tls) if settings.tls.enabled else None
         self.ae = self._make_ae()
         self._sop_classes = {str(cx.abstract_syntax) for cx in self.ae.supported_contexts}
 
     def _make_ae(self) -> AE:
         s = self.settings
-        ae = TlsAE(ae_title=s.ae_title)
+        ae = GuardedAE(self.guard, s.ae_title)
         ae.maximum_associations = s.maximum_associations
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout
@@ -222,6 +247,7 @@ class StorageSCP:
         )
         if self.metrics is not None:
             self.metrics.association_rejected()
+        self._alert(address, calling, f"calling AE title {calling.strip()} not allowed from there")
         assoc.acse.send_reject(0x01, 0x01, 0x03)
         assoc.kill()  # as pynetdicom does after its own rejections (acse.py)
         return True
@@ -237,6 +263,11 @@ class StorageSCP:
         about 7% of a core per idle association.
         """
         if self._refused_address(event.assoc):
+            return
+        if self.guard.admit(event.assoc) is not None:
+            # PS3.8 9.3.4: rejected-transient, UL service-provider (presentation), local limit
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)
+            event.assoc.kill()
             return
         event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
         primitive = event.assoc.requestor.primitive
@@ -261,9 +292,12 @@ class StorageSCP:
             calling_ae_title=requestor.ae_title,
             peer=f"{requestor.address}:{requestor.port}",
             started=time.monotonic(),
+            called=Peer(assoc.acceptor.ae_title, assoc.acceptor.address),
         )
         with self._lock:
             self._associations[id(assoc)] = info
+        if self.audit is not None:
+            self.audit.record(association_event(info.requestor, info.called, True, utcnow()))
         if self.metrics is not None:
             self.metrics.association_opened()
         try:
@@ -280,10 +314,12 @@ class StorageSCP:
             log.exception("association %s: cannot record it in the job log", info.id)
 
     def _on_ended(self, event: evt.Event, outcome: str) -> None:
+        self.guard.ended(event.assoc)
         with self._lock:
             info = self._associations.pop(id(event.assoc), None)
         if info is None:
             return  # already recorded (a release is followed by a connection close)
+        self._audit_end(info)
         if self.metrics is not None:
             self.metrics.association_closed()
         try:
@@ -303,7 +339,29 @@ class StorageSCP:
             extra={"association_id": info.id},
         )
 
+    def _audit_end(self, info: _AssociationInfo) -> None:
+        """Audit what the association stored (one message per study) and its end."""
+        if self.audit is None:
+            return
+        now = utcnow()
+        for study, (patient_id, sop_classes) in info.studies.items():
+            self.audit.record(
+                transferred_event(
+                    info.requestor, info.called, study, patient_id, sop_classes, now, received=True
+                )
+            )
+        self.audit.record(association_event(info.requestor, info.called, False, now))
+
+    def _alert(self, address: str, subject: str, detail: str) -> None:
+        if self.audit is not None:
+            self.audit.record(
+                alert_event(
+                    self.settings.ae_title, subject, address, detail, utcnow(), network=True
+                )
+            )
+
     def _on_rejected(self, event: evt.Event) -> None:
+        self.guard.ended(event.assoc)
         if self.metrics is not None:
             self.metrics.association_rejected()
         requestor = event.assoc.requestor
@@ -313,6 +371,7 @@ class StorageSCP:
             requestor.address,
             requestor.port,
         )
+        self._alert(requestor.address, requestor.ae_title, "association rejected")
 
     # --- DIMSE services --------------------------------------------------------------------
 
@@ -333,6 +392,15 @@ class StorageSCP:
         if isinstance(status, Dataset):
             self._record_refusal(info, code, str(status.ErrorComment))
         return status
+
+    def _record_connection_refused(self, address: str, reason: str, message: str) -> None:
+        """Add a ``connection_refused`` event (the "refused sources" of the dashboard)."""
+        try:
+            with self.engine.begin() as connection:
+                add_event(connection, "connection_refused", message, address=address, reason=reason)
+        except Exception:
+            log.exception("cannot record a refused connection in the job log")
+        self._alert(address, address, f"{reason}: {message}")
 
     def _record_refusal(self, info: _AssociationInfo | None, code: int, comment: str) -> None:
         """Add an ``instance_refused`` event, so the job log says why an instance was
@@ -454,4 +522,9 @@ class StorageSCP:
             return refuse(STATUS_OUT_OF_RESOURCES, f"job log unavailable: {type(exc).__name__}")
         if recorded.old_path is not None:
             self.spool.remove(self.spool.locate(recorded.old_path))
+        if info is not None:
+            _, counts = info.studies.setdefault(
+                header.study_instance_uid, (header.patient_id, Counter())
+            )
+            counts[header.sop_class_uid] += 1
         return STATUS_SUCCESS, len(encoded)

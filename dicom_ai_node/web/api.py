@@ -12,17 +12,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_ai_node.audit.messages import accessed_event
+from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DestinationSettings
 from dicom_ai_node.dispatch.deliveries import resend
-from dicom_ai_node.jobs.models import Job, JobState, Result
+from dicom_ai_node.jobs.models import Job, JobState, Result, utcnow
 from dicom_ai_node.jobs.queue import add_feedback, retry
 from dicom_ai_node.web import queries
+from dicom_ai_node.web.auth import client_address
 from dicom_ai_node.web.images import dicom_to_png
 from dicom_ai_node.web.metrics import NodeMetrics
 
@@ -43,6 +46,22 @@ class WebContext:
     destinations: Sequence[DestinationSettings]
     node_name: str
     data_dir: Path  # the spool's root: the job log's paths are relative to it
+    audit: AuditTrail | None = None
+    identity: str = ""
+
+    def accessed(self, request: Request, job: queries.JobDetail) -> None:
+        """Audit that this request's user read ``job`` (PS3.15 A.5.3.2)."""
+        if self.audit is not None:
+            self.audit.record(
+                accessed_event(
+                    self.identity,
+                    client_address(request),
+                    str(request.url.path),
+                    job.study_instance_uid,
+                    job.patient_id or "",
+                    utcnow(),
+                )
+            )
 
     def destination_status(self, session: Session) -> list[queries.DestinationStatus]:
         configured = [(d.name, f"{d.ae_title}@{d.host}:{d.port}") for d in self.destinations]
@@ -125,12 +144,13 @@ def api_router(ctx: WebContext) -> APIRouter:
             return queries.list_jobs(session, where, limit, offset)
 
     @router.get("/jobs/{job_id}", response_model=queries.JobDetail)
-    def get_job(job_id: int) -> queries.JobDetail:
+    def get_job(request: Request, job_id: int) -> queries.JobDetail:
         """One job with its results, notifications and event history."""
         with ctx.reads() as session:
             job = queries.get_job(session, job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id}")
+        ctx.accessed(request, job)
         return job
 
     @router.post(
@@ -180,6 +200,12 @@ def api_router(ctx: WebContext) -> APIRouter:
         """Each destination with its deliveries and its last success and failure."""
         with ctx.reads() as session:
             return ctx.destination_status(session)
+
+    @router.get("/refused-sources", response_model=list[queries.RefusedSource])
+    def get_refused_sources() -> list[queries.RefusedSource]:
+        """Source addresses the DICOM listener refused by a limit, by reason, newest first."""
+        with ctx.reads() as session:
+            return queries.refused_sources(session)
 
     @router.get("/queue", response_model=queries.QueueDepth)
     def get_queue() -> queries.QueueDepth:

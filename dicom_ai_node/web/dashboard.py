@@ -62,8 +62,9 @@ def templates() -> Jinja2Templates:
     return Jinja2Templates(env=env)
 
 
-def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
-    """The HTML pages (the caller adds the token check)."""
+def dashboard_router(ctx: WebContext, refresh_seconds: int, csrf_token: str) -> APIRouter:
+    """The HTML pages (the caller adds the token check); ``csrf_token`` goes in their forms
+    that change state (see ``auth.py``)."""
     router = APIRouter(include_in_schema=False)
     pages = templates()
 
@@ -78,6 +79,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
                 "depth": depth,
                 "refresh": refresh_seconds if refresh else None,
                 "now": datetime.now(UTC),
+                "csrf": csrf_token,
                 **values,
             },
         )
@@ -145,6 +147,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
             job = queries.get_job(session, job_id)
         if job is None:
             return render(request, "missing.html", False, what=f"job {job_id}")
+        ctx.accessed(request, job)
         return render(
             request,
             "job.html",
@@ -195,11 +198,13 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
     def destinations_page(request: Request) -> HTMLResponse:
         with ctx.reads() as session:
             destinations = ctx.destination_status(session)
+            refused = queries.refused_sources(session)
         return render(
             request,
             "destinations.html",
             True,
             destinations=destinations,
+            refused=refused,
             problems=ctx.problems(),
         )
 

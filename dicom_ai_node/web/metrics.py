@@ -109,11 +109,10 @@ class NodeMetrics:
     ``sessions`` reads the job log at scrape time (give the node's read-only sessions).
     """
 
-    def __init__(
-        self, sessions: sessionmaker[Session], expected: Mapping[str, ExpectedRate] | None = None
-    ) -> None:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
         #: Per model name, the positive rate its package's evaluation leads to expect.
-        self.expected: Mapping[str, ExpectedRate] = expected or {}
+        #: (the node fills it once its models are loaded; the collector reads it at each scrape)
+        self.expected: dict[str, ExpectedRate] = {}
         self.registry = CollectorRegistry()
         self.registry.register(_JobLogCollector(sessions, self.expected))
         self._instances = Counter(
@@ -139,6 +138,19 @@ class NodeMetrics:
         self._associations_rejected = Counter(
             f"{PREFIX}_associations_rejected",
             "DICOM association requests rejected",
+            registry=self.registry,
+        )
+        self._connections_refused = Counter(
+            f"{PREFIX}_connections_refused",
+            "DICOM connections and association requests refused by a limit, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._audit = Counter(
+            f"{PREFIX}_audit_messages",
+            "Audit messages, by outcome: stored (job log), sent (syslog repository), dropped "
+            "(queue full), store_failed, send_failed (each failed attempt; retried)",
+            ["outcome"],
             registry=self.registry,
         )
         self._inference = Histogram(
@@ -193,6 +205,14 @@ class NodeMetrics:
 
     def association_rejected(self) -> None:
         self._associations_rejected.inc()
+
+    def connection_refused(self, reason: str) -> None:
+        """A connection or association refused by a ``[dicom.limits]`` budget or the
+        source-address check (see ``receive/guard.py``)."""
+        self._connections_refused.labels(reason).inc()
+
+    def audit_message(self, outcome: str) -> None:
+        self._audit.labels(outcome).inc()
 
     def inference_seconds(self, model: str, seconds: float) -> None:
         self._inference.labels(model).observe(seconds)

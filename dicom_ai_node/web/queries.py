@@ -145,6 +145,17 @@ class DestinationStatus(BaseModel):
     health: Literal["ok", "failing", "unknown"]
 
 
+class RefusedSource(BaseModel):
+    """A source address that the DICOM listener refused, by reason (``connection_refused``
+    events: one per source and reason a minute at most, see ``receive/guard.py``)."""
+
+    address: str
+    reason: str
+    minutes: int
+    last_at: datetime
+    last_message: str
+
+
 class QueueDepth(BaseModel):
     queued: int
     running: int
@@ -415,6 +426,32 @@ def destinations(
             )
         )
     return statuses
+
+
+def refused_sources(session: Session, limit: int = 50) -> list[RefusedSource]:
+    """The sources most recently refused by the listener's limits, newest first."""
+    address = Event.data["address"].as_string()
+    reason = Event.data["reason"].as_string()
+    rows = session.execute(
+        select(address, reason, func.count(), func.max(Event.id))
+        .where(Event.kind == "connection_refused")
+        .group_by(address, reason)
+        .order_by(func.max(Event.id).desc())
+        .limit(limit)
+    ).all()
+    last = {
+        e.id: e for e in session.scalars(select(Event).where(Event.id.in_([r[3] for r in rows])))
+    }
+    return [
+        RefusedSource(
+            address=row[0],
+            reason=row[1],
+            minutes=row[2],
+            last_at=last[row[3]].at,
+            last_message=last[row[3]].message,
+        )
+        for row in rows
+    ]
 
 
 def queue_depth(session: Session) -> QueueDepth:

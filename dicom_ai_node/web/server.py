@@ -14,6 +14,7 @@ from pathlib import Path
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DestinationSettings
 from dicom_ai_node.web.app import create_app
 from dicom_ai_node.web.metrics import NodeMetrics
@@ -46,6 +47,7 @@ class HttpServer:
         node_name: str = "",
         data_dir: Path = Path(),
         refresh_seconds: int = 15,
+        audit: AuditTrail | None = None,
     ) -> None:
         configured = token or os.environ.get(TOKEN_ENV, "")
         self.token_generated = not configured
@@ -62,6 +64,7 @@ class HttpServer:
             node_name=node_name,
             data_dir=data_dir,
             refresh_seconds=refresh_seconds,
+            audit=audit,
         )
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

@@ -1,7 +1,7 @@
 """governance: jobs.weights_sha256 and jobs.shadow; the feedback table
 
 Revision ID: 0005
-Revises: 0009
+Revises: 0004
 Create Date: 2026-12-02
 """
 
@@ -11,7 +11,9 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
-down_revision: str | None = "0009"  # the brief said 0003; re-chained after main took 0008, 0009
+down_revision: str | None = (
+    "0004"  # the brief said 0003; re-chained after main: 0009 -> 0004 -> 0005
+)
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
