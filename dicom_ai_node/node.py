@@ -38,6 +38,7 @@ from dicom_ai_node.jobs.queue import AttemptLimits, recover, worker_id
 from dicom_ai_node.jobs.worker import Worker
 from dicom_ai_node.receive.record import reindex
 from dicom_ai_node.receive.scp import StorageSCP
+from dicom_ai_node.retrieve import Sources
 from dicom_ai_node.runner import JobRunner
 from dicom_ai_node.spool import Spool
 from dicom_ai_node.web.metrics import NodeMetrics
@@ -130,6 +131,14 @@ class Node:
             node_name=settings.node_name,
             data_dir=settings.storage.data_dir,
             audit=self.audit,
+            ingest=self.scp.ingest,
+            stow_max_bytes=int(settings.http.stow_max_mb * 2**20),
+            sources=Sources(
+                tuple(settings.sources),
+                frozenset(route.name for route in settings.routes),
+                settings.dicom.ae_title,
+                self.scp.ingest,
+            ),
         )
         self.notifier = Notifier(
             self.sessions,

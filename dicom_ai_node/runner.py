@@ -154,7 +154,16 @@ class JobRunner:
                 )
             results = self._write_results(session, job, datasets)
             # Shadow mode: results are recorded (job log and outbox) but go nowhere else.
-            deliveries = 0 if job.shadow else plan_deliveries(session, job, results)
+            deliveries = (
+                0
+                if job.shadow
+                else plan_deliveries(
+                    session,
+                    job,
+                    results,
+                    {d.name: d.objects for d in self.settings.destinations},
+                )
+            )
             state = JobState.DELIVERING if deliveries else JobState.DONE
             moved = transition(
                 session,

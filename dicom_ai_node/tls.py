@@ -17,7 +17,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from dicom_ai_node.config import ConfigError, TlsSettings
+from dicom_ai_node.config import ConfigError, PeerSettings, TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +68,13 @@ def client_context(
     if certificate is not None and private_key is not None:
         _load(f"{what}.certificate", context.load_cert_chain, certificate, private_key)
     return context
+
+
+def peer_context(peer: PeerSettings, section: str) -> ssl.SSLContext | None:
+    """The client context for a configured peer (``None`` without TLS); certificates are read
+    now, so a missing file is a configuration error naming ``section.name``."""
+    if not peer.tls:
+        return None
+    return client_context(
+        f"{section}.{peer.name}", peer.ca_certificates, peer.certificate, peer.private_key
+    )

@@ -304,3 +304,56 @@ class AuditRecord(Base):
     event_id: Mapped[str] = mapped_column(String(16), index=True)
     outcome: Mapped[int] = mapped_column(Integer)
     message: Mapped[str] = mapped_column(Text)
+
+
+class PerformedStep(Base):
+    """A Modality Performed Procedure Step the node was told of (PS3.4 Annex F): N-CREATE
+    makes it ``IN PROGRESS``, N-SET ends it ``COMPLETED`` or ``DISCONTINUED``."""
+
+    __tablename__ = "performed_steps"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PerformedSeries(Base):
+    """A series a performed step lists (its Performed Series Sequence) with the instances
+    the step says it holds; ``completed_generation`` is the generation this listing completed
+    (it completes a series once: later instances fall back to the stable time)."""
+
+    __tablename__ = "performed_series"
+
+    step_uid: Mapped[str] = mapped_column(
+        ForeignKey("performed_steps.sop_instance_uid"), primary_key=True
+    )
+    series_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    sop_instance_uids: Mapped[list[str]] = mapped_column(default=list)
+    completed_generation: Mapped[int | None] = mapped_column(Integer, default=None)
+
+
+class Pseudonym(Base):
+    """What a de-identified export replaced an original with (PS3.15 Annex E): ``uid``
+    pseudonyms are new UIDs, ``patient`` ones stand for a Patient ID. Kept here, never in
+    the export, so that exports agree and an authorised user can re-identify."""
+
+    __tablename__ = "pseudonyms"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    original: Mapped[str] = mapped_column(String(64), primary_key=True)
+    pseudonym: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RequestedRoute(Base):
+    """A study pulled for one route (``dicom-ai-node run --route``): its series are routed
+    by the requested routes only, not by every configured one."""
+
+    __tablename__ = "requested_routes"
+
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    route: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -20,6 +20,7 @@ from dicom_ai_node.report.common import (
     NOT_FOR_DIAGNOSTIC_USE,
     ReportContext,
     check_inputs,
+    copy_study_level,
     equipment_kwargs,
     finish,
     label_spec,
@@ -29,6 +30,9 @@ from dicom_ai_node.report.common import (
 from dicom_ai_node.report.render import render
 
 _WHITE, _YELLOW, _ORANGE = (255, 255, 255), (255, 220, 0), (255, 150, 40)
+# Modalities for which OHIF v3 opens its cine player over the image (its
+# "autoCineModalities" customisation): the SC keeps "OT" only for such sources.
+_CINE_MODALITIES = frozenset({"OT", "US"})
 # Patient direction letters of the +/- x, y, z axes of the patient coordinate system
 # (PS3.3 C.7.6.1.1.1 and C.7.6.2.1.1).
 _AXIS_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))
@@ -83,6 +87,12 @@ def build_sc(
     if orientation is None:
         sc.PatientOrientation = []  # type 2C: unknown, so present and empty
     sc.Laterality = str(key_source.get("Laterality") or "")  # type 2C (C.7.3.1), as the source
+    # The SC Equipment Module's Modality (PS3.3 C.8.6.1, type 3) names the source
+    # equipment and overrides "OT" of the General Series Module: the source's modality,
+    # so that viewers do not treat the image as a cine clip.
+    source_modality = str(key_source.get("Modality") or "")
+    if source_modality and source_modality not in _CINE_MODALITIES:
+        sc.Modality = source_modality
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
     sc.DateOfSecondaryCapture = sc.ContentDate
@@ -94,6 +104,7 @@ def build_sc(
         for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
             if keyword in key_source:
                 sc[keyword] = key_source[keyword]
+    copy_study_level(sc, key_source)
     finish(sc, context)
     return sc
 

@@ -64,7 +64,7 @@ class WebContext:
             )
 
     def destination_status(self, session: Session) -> list[queries.DestinationStatus]:
-        configured = [(d.name, f"{d.ae_title}@{d.host}:{d.port}") for d in self.destinations]
+        configured = [(d.name, d.address) for d in self.destinations]
         return queries.destinations(session, configured)
 
     def problems(self) -> list[str]:

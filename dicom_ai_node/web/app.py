@@ -14,10 +14,14 @@ from dicom_ai_node.audit.messages import alert_event, login_event
 from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DestinationSettings
 from dicom_ai_node.jobs.models import utcnow
+from dicom_ai_node.receive.ingest import Ingest
+from dicom_ai_node.retrieve import Sources
 from dicom_ai_node.web.api import WebContext, api_router, public_router
 from dicom_ai_node.web.auth import AuthError, TokenAuth
 from dicom_ai_node.web.dashboard import dashboard_router, login_page
 from dicom_ai_node.web.metrics import NodeMetrics
+from dicom_ai_node.web.pull import pull_router
+from dicom_ai_node.web.stow import stow_router
 
 # Nothing external: the pages' own styles and inline handlers (the retry confirmation), images
 # from the node, no frames (CSP Level 3 frame-ancestors, and X-Frame-Options for older browsers).
@@ -46,11 +50,16 @@ def create_app(
     data_dir: Path = Path(),
     refresh_seconds: int = 15,
     audit: AuditTrail | None = None,
+    ingest: Ingest | None = None,
+    stow_max_bytes: int = 2**31,
+    sources: Sources | None = None,
 ) -> FastAPI:
     """The app of one node. The OpenAPI schema is at ``/openapi.json``; the interactive
     docs are off, as they load scripts from a CDN that a hospital network may not reach.
     Pages and API reads use ``read_sessions`` (which on SQLite take no write lock) when
-    given. ``audit`` records logins, wrong tokens, rate limits and who read which study."""
+    given. ``audit`` records logins, wrong tokens, rate limits and who read which study.
+    With ``ingest``, ``/dicomweb/studies`` takes instances by STOW-RS into it; with
+    ``sources``, ``/api/pull`` retrieves studies from them."""
     name = node_name or "dicom-ai-node"
 
     def audited(kind: str, address: str) -> None:
@@ -93,7 +102,7 @@ def create_app(
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
         if exc.retry_after is not None:
             headers["Retry-After"] = str(exc.retry_after)
-        if request.url.path.startswith("/api/"):
+        if request.url.path.startswith(("/api/", "/dicomweb/")):
             return JSONResponse({"detail": exc.reason}, exc.status, headers=headers)
         page = login_page(exc.reason, exc.status)
         page.headers.update(headers)
@@ -115,4 +124,13 @@ def create_app(
         dashboard_router(ctx, refresh_seconds, auth.csrf_token),
         dependencies=[Depends(authenticated)],
     )
+    if ingest is not None:
+        app.include_router(
+            stow_router(ingest, ingest.engine, metrics, stow_max_bytes),
+            dependencies=[Depends(authenticated)],
+        )
+    if sources is not None:
+        app.include_router(
+            pull_router(sources, sources.ingest.engine), dependencies=[Depends(authenticated)]
+        )
     return app

@@ -30,7 +30,6 @@ from dicom_ai_node.jobs.models import (
     Job,
     JobState,
     NodeRecord,
-    Result,
     Series,
     utcnow,
 )
@@ -40,6 +39,7 @@ from dicom_ai_node.receive.header import read_header
 from dicom_ai_node.receive.record import open_association, record_instance
 from dicom_ai_node.spool import Spool
 from tests.support.helpers import instance, make_settings, wait_for
+from tests.support.joblog import job_with_results
 from tests.support.postgres import empty_job_log, fresh_database, postgres_server
 
 pytestmark = pytest.mark.peers
@@ -202,21 +202,7 @@ def test_racing_workers_plan_one_delivery_per_result_and_destination(
     sessions: sessionmaker[Session],
 ) -> None:
     with sessions.begin() as session:
-        job = Job(study_instance_uid="1.2", series_instance_uid="1.2.3", destinations=["a", "b"])
-        session.add(job)
-        session.flush()
-        results = [
-            Result(
-                sop_instance_uid=f"1.2.9.{n}",
-                job_id=job.id,
-                kind="sr",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
-                series_instance_uid="1.2.9",
-                path=f"outbox/1.2/1.2.9/1.2.9.{n}.dcm",
-            )
-            for n in range(3)
-        ]
-        session.add_all(results)
+        job, results = job_with_results(session, ["a", "b"], ("sr", "sr", "sr"))
 
     def plan(_n: int) -> int:
         with sessions.begin() as session:

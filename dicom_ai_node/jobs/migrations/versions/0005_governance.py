@@ -1,7 +1,7 @@
 """governance: jobs.weights_sha256 and jobs.shadow; the feedback table
 
 Revision ID: 0005
-Revises: 0004
+Revises: 0007
 Create Date: 2026-12-02
 """
 
@@ -11,9 +11,8 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
-down_revision: str | None = (
-    "0004"  # the brief said 0003; re-chained after main: 0009 -> 0004 -> 0005
-)
+# The brief said 0003; re-chained after main's 0008 -> 0009 -> 0004 -> 0007.
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
