@@ -13,7 +13,7 @@ OHIF_VERSION := 3.13.2
 OHIF_DIR := .viewers/ohif-$(OHIF_VERSION)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast install install-test peers ohif lint typecheck pytest clean
+.PHONY: run test test-fast install install-test peers ohif lint typecheck pytest clean real-data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,13 @@ pytest: $(VENV)/.installed-test peers ohif
 	$(BIN)/pytest
 
 test: peers $(VENV)/.installed-test lint typecheck pytest
+
+# 16 real chest radiographs (CC BY 4.0, Kermany et al. 2018) and pydicom's real DICOM files,
+# downloaded from PyPI into var/real-data (never committed); see docs/models.md.
+REAL_DATA := var/real-data
+real-data: install
+	$(BIN)/pip download --quiet --no-deps -d $(REAL_DATA) pneumonia-model-package==0.3.0 pydicom-data
+	$(BIN)/python benchmarks/real_images.py $(REAL_DATA)
 
 # No DCMTK, Orthanc, PostgreSQL, Chromium or validators, no training: the inner loop.
 test-fast: $(VENV)/.installed-test

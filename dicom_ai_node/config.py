@@ -364,6 +364,10 @@ class RouteSettings(_Section):
     outputs: list[Literal["sr", "sc", "kos"]] = ["sr", "sc"]
     destinations: list[str] = []
     priority: int = Field(default=0, description="Higher runs first")
+    shadow: bool = Field(
+        default=False,
+        description="Shadow mode: run the model and record its results, deliver and notify nothing",
+    )
 
     @field_validator("where")
     @classmethod

@@ -46,6 +46,7 @@ from dicom_ai_node.web.notify import Notifier
 from dicom_ai_node.web.server import HttpServer
 
 if TYPE_CHECKING:
+    from dicom_ai_node.infer.evaluation import ExpectedRate
     from dicom_ai_node.infer.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,15 @@ class Node:
         self.engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
         self.sessions = session_factory(self.engine)
         self.read_sessions = session_factory(read_only(self.engine))
-        self.metrics = NodeMetrics(self.read_sessions)
         self.spool = Spool(settings.storage.data_dir, settings.node_name)
+        self.metrics = NodeMetrics(self.read_sessions)
         self.audit = AuditTrail(
             self.sessions, settings.audit, settings.node_name, self.metrics.audit_message
         )
         self.crashes = CrashRecords(settings.storage.data_dir)
         self.limits = AttemptLimits(settings.worker.max_attempts, settings.worker.max_interruptions)
         self.models = models if models is not None else self._load_models()
+        self.metrics.expected.update(self._expected_rates())
         extra = tuple(
             sorted({key for route in settings.routes for key in route.where} - {"CallingAETitle"})
         )
@@ -185,6 +187,34 @@ class Node:
             log.info("model %s %s loaded from %s", card.name, card.version, package)
         return models
 
+    def _expected_rates(self) -> dict[str, ExpectedRate]:
+        """Per loaded model, the positive rate its package's evaluation leads to expect."""
+        from dicom_ai_node.infer.evaluation import expected_positive_rate
+
+        rates = {}
+        for name, model in self.models.items():
+            expected = expected_positive_rate(model.package, model.card)
+            if expected is not None:
+                rates[name] = expected
+        return rates
+
+    def _check_model_identities(self) -> None:
+        """Refuse a model whose weights differ from those the job log recorded for the same
+        name and version: new weights need a new version, or results could not be traced."""
+        from dicom_ai_node.jobs.queue import recorded_weights
+
+        with self.read_sessions() as session:
+            for model in self.models.values():
+                card = model.card
+                other = recorded_weights(session, card.name, card.version) - {model.weights_sha256}
+                if other:
+                    raise ConfigError(
+                        f"models: model package {card.name} ({model.package}): version "
+                        f"{card.version} has weights sha256 {model.weights_sha256}, but earlier "
+                        f"jobs of that version ran weights {', '.join(sorted(other))}; "
+                        "give changed weights a new version in model.toml"
+                    )
+
     # --- start and stop --------------------------------------------------------------------
 
     def start(self) -> None:
@@ -198,6 +228,7 @@ class Node:
         name = self.settings.node_name
         timeout = self.settings.cluster.node_timeout_seconds
         upgrade(self.engine)
+        self._check_model_identities()
         with self.sessions.begin() as session:
             heartbeat(session, name, __version__, started=True)
         with self.sessions.begin() as session:

@@ -153,11 +153,16 @@ class JobRunner:
                     skipped=[list(item) for item in prediction.skipped[:100]],
                 )
             results = self._write_results(session, job, datasets)
-            deliveries = plan_deliveries(
-                session,
-                job,
-                results,
-                {d.name: d.objects for d in self.settings.destinations},
+            # Shadow mode: results are recorded (job log and outbox) but go nowhere else.
+            deliveries = (
+                0
+                if job.shadow
+                else plan_deliveries(
+                    session,
+                    job,
+                    results,
+                    {d.name: d.objects for d in self.settings.destinations},
+                )
             )
             state = JobState.DELIVERING if deliveries else JobState.DONE
             moved = transition(
@@ -171,6 +176,7 @@ class JobRunner:
                 probability=prediction.probability,
                 positive=prediction.positive,
                 model_version=prediction.model_version,
+                weights_sha256=prediction.weights_sha256,
                 error=None,
             )
             if not moved:  # roll back: the worker that holds the lease records the job

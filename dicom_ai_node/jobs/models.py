@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -164,6 +165,10 @@ class Job(Base):
     route: Mapped[str | None] = mapped_column(String(64), default=None)
     model: Mapped[str | None] = mapped_column(String(64), default=None)
     model_version: Mapped[str | None] = mapped_column(String(32), default=None)
+    #: SHA-256 of the weights that ran the job: with model and version, the model's identity.
+    weights_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: Shadow mode (the route's ``shadow``): results recorded, never delivered nor notified.
+    shadow: Mapped[bool] = mapped_column(default=False, server_default=false())
     outputs: Mapped[list[str]] = mapped_column(default=list)
     destinations: Mapped[list[str]] = mapped_column(default=list)
     priority: Mapped[int] = mapped_column(Integer, default=0)
@@ -189,6 +194,19 @@ class Job(Base):
         Index("ix_jobs_claim", "state", "priority", "created_at"),
         UniqueConstraint("unique_key", name="uq_jobs_unique_key"),
     )
+
+
+class Feedback(Base):
+    """A radiologist's opinion of a job's finding: agree or not, a comment, who and when."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    agree: Mapped[bool]
+    comment: Mapped[str] = mapped_column(Text, default="")
+    author: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Prediction(Base):

@@ -7,6 +7,7 @@ radiograph) with the heat map and the result burned in, in a new series of the s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -110,27 +111,26 @@ def build_sc(
 
 def _only_key(prediction: SeriesPrediction) -> SeriesPrediction:
     """The prediction restricted to its key image, to validate against the key source."""
-    return SeriesPrediction(
-        model=prediction.model,
-        model_version=prediction.model_version,
-        positive_label=prediction.positive_label,
-        label=prediction.label,
-        probability=prediction.probability,
-        positive=prediction.positive,
-        probabilities=prediction.probabilities,
-        images=(prediction.key_image,),
-    )
+    return replace(prediction, images=(prediction.key_image,), skipped=())
 
 
 def _text_lines(
     prediction: SeriesPrediction, card: ModelCard
 ) -> list[tuple[str, tuple[int, int, int]]]:
-    """Result, model, and the not-for-diagnostic-use notice when the card asks for it."""
+    """Result, model, weights hash (its first 16 hex digits), heat map method, and the
+    not-for-diagnostic-use notice when the card asks for it."""
     meaning = label_spec(card, prediction.label).code.meaning
     probability = prediction.probabilities[prediction.label]
     lines = [
         (f"AI: {meaning} {percent(probability)}", _YELLOW if prediction.positive else _WHITE),
         (f"{card.name} {card.version} ({card.manufacturer})", _WHITE),
+        (f"weights sha256 {prediction.weights_sha256[:16]}", _WHITE),
+        (
+            f"heat map: {prediction.explanation}"
+            if prediction.key_image.heatmap is not None
+            else "no heat map made by this model",
+            _WHITE,
+        ),
     ]
     if card.not_for_diagnostic_use:
         lines.append((NOT_FOR_DIAGNOSTIC_USE, _ORANGE))

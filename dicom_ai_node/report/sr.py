@@ -107,6 +107,7 @@ def build_sr(
         name=card.name,
         version=card.version,
         family=codes.DCM.ArtificialIntelligence,
+        parameters=_algorithm_parameters(prediction),
     )
     sites = _finding_sites(sources[0])
     key = prediction.key_image
@@ -162,6 +163,14 @@ def build_sr(
     copy_study_level(sr, sources[0])
     finish(sr, context)
     return sr
+
+
+def _algorithm_parameters(prediction: SeriesPrediction) -> list[str] | None:
+    """Algorithm Parameters (TID 4019, 111002) naming the weights and the heat map method:
+    with name and version they identify the model that produced the result."""
+    if not prediction.weights_sha256:
+        return None
+    return [f"weights sha256 {prediction.weights_sha256}", f"heat map {prediction.explanation}"]
 
 
 def _image_group(

@@ -63,6 +63,7 @@ def _spec(
         outputs=tuple(rule.outputs),
         destinations=tuple(rule.destinations),
         priority=rule.priority,
+        shadow=rule.shadow,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.audit.messages import accessed_event
@@ -23,7 +23,7 @@ from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DestinationSettings
 from dicom_ai_node.dispatch.deliveries import resend
 from dicom_ai_node.jobs.models import Job, JobState, Result, utcnow
-from dicom_ai_node.jobs.queue import retry
+from dicom_ai_node.jobs.queue import add_feedback, retry
 from dicom_ai_node.web import queries
 from dicom_ai_node.web.auth import client_address
 from dicom_ai_node.web.images import dicom_to_png
@@ -78,6 +78,14 @@ class WebContext:
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     problems: list[str]
+
+
+class FeedbackIn(BaseModel):
+    """A radiologist's opinion of a job's finding."""
+
+    agree: bool
+    comment: str = Field(default="", max_length=2000)
+    author: str = Field(min_length=1, max_length=128, description="Who gives the feedback")
 
 
 class RetryOutcome(BaseModel):
@@ -155,6 +163,23 @@ def api_router(ctx: WebContext) -> APIRouter:
         try:
             with ctx.sessions.begin() as session:
                 return retry_job(session, job_id)
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from None
+        except ValueError as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    @router.post(
+        "/jobs/{job_id}/feedback",
+        response_model=queries.FeedbackOut,
+        status_code=201,
+        responses={404: {"description": "No such job"}, 409: {"description": "No finding"}},
+    )
+    def feedback_endpoint(job_id: int, given: FeedbackIn) -> queries.FeedbackOut:
+        """Agree or disagree with a job's finding, with an optional comment."""
+        try:
+            with ctx.sessions.begin() as session:
+                stored = add_feedback(session, job_id, given.agree, given.comment, given.author)
+                return queries.FeedbackOut.model_validate(stored, from_attributes=True)
         except LookupError as exc:
             raise HTTPException(404, str(exc)) from None
         except ValueError as exc:

@@ -8,7 +8,7 @@ number) come from a join with ``studies``; delivery status is summarised per des
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal, TypeVarTuple
 
 from pydantic import BaseModel
@@ -19,6 +19,7 @@ from dicom_ai_node.jobs.models import (
     Delivery,
     DeliveryState,
     Event,
+    Feedback,
     Job,
     JobState,
     Result,
@@ -59,6 +60,8 @@ class JobSummary(BaseModel):
     route: str | None
     model: str | None
     model_version: str | None
+    weights_sha256: str | None
+    shadow: bool
     label: str | None
     probability: float | None
     positive: bool | None
@@ -107,12 +110,20 @@ class NotificationOut(BaseModel):
     sent_at: datetime | None
 
 
+class FeedbackOut(BaseModel):
+    agree: bool
+    comment: str
+    author: str
+    at: datetime
+
+
 class JobDetail(JobSummary):
     study_date: str
     study_description: str
     results: list[ResultOut]
     events: list[EventOut]
     notifications: list[NotificationOut]
+    feedback: list[FeedbackOut]
 
 
 class WorklistItem(JobSummary):
@@ -231,6 +242,8 @@ def _summary(row: Any, deliveries: dict[int, list[DeliveryStatus]], **extra: Any
         "route": job.route,
         "model": job.model,
         "model_version": job.model_version,
+        "weights_sha256": job.weights_sha256,
+        "shadow": job.shadow,
         "label": job.label,
         "probability": job.probability,
         "positive": job.positive,
@@ -293,6 +306,12 @@ def get_job(session: Session, job_id: int) -> JobDetail | None:
         events=[EventOut.model_validate(e, from_attributes=True) for e in events],
         notifications=[
             NotificationOut.model_validate(n, from_attributes=True) for n in notifications
+        ],
+        feedback=[
+            FeedbackOut.model_validate(f, from_attributes=True)
+            for f in session.scalars(
+                select(Feedback).where(Feedback.job_id == job_id).order_by(Feedback.id)
+            )
         ],
     )
 
@@ -467,3 +486,49 @@ def distinct_values(session: Session, column: Literal["model", "label"]) -> list
     attribute = Job.model if column == "model" else Job.label
     found = session.scalars(select(attribute).where(attribute.is_not(None)).distinct())
     return sorted(value for value in found if value)
+
+
+def feedback_counts(session: Session) -> list[tuple[str, str, bool, int]]:
+    """(model, version, agree, count) of the radiologists' feedback."""
+    rows = session.execute(
+        select(Job.model, Job.model_version, Feedback.agree, func.count())
+        .join(Job, Job.id == Feedback.job_id)
+        .group_by(Job.model, Job.model_version, Feedback.agree)
+    ).all()
+    return [(str(m or ""), str(v or ""), bool(a), int(n)) for m, v, a, n in rows]
+
+
+class DailyRate(BaseModel):
+    """Finished jobs and positive findings of one model version on one UTC day."""
+
+    model: str
+    version: str
+    day: date
+    jobs: int
+    positives: int
+
+    @property
+    def rate(self) -> float:
+        return self.positives / self.jobs
+
+
+def positive_rates(session: Session, days: int = 30) -> list[DailyRate]:
+    """Positive rate per model version per UTC day over the last ``days`` days, newest first
+    (grouped here, not in SQL: day functions differ between SQLite and PostgreSQL)."""
+    since = datetime.now(UTC) - timedelta(days=days)
+    rows = session.execute(
+        select(Job.model, Job.model_version, Job.finished_at, Job.positive).where(
+            Job.finished_at >= since, Job.positive.is_not(None), Job.model.is_not(None)
+        )
+    ).all()
+    counts: dict[tuple[str, str, date], list[int]] = {}
+    for model, version, finished, positive in rows:
+        assert finished is not None  # the WHERE clause
+        key = (str(model), str(version or ""), finished.astimezone(UTC).date())
+        tally = counts.setdefault(key, [0, 0])
+        tally[0] += 1
+        tally[1] += int(bool(positive))
+    return [
+        DailyRate(model=m, version=v, day=d, jobs=n, positives=k)
+        for (m, v, d), (n, k) in sorted(counts.items(), key=lambda item: item[0][2], reverse=True)
+    ]
