@@ -53,6 +53,7 @@ def test_wrong_tokens_are_rate_limited_per_address(serve):
 
 def test_state_changing_browser_requests_must_come_from_the_dashboard(serve, job_log):
     failed = job_log.add("failed", JobState.FAILED, None)
+    labelled = job_log.add("labelled", JobState.DONE, 0.9)
     running = serve()
     with httpx.Client(base_url=running.base, timeout=10) as browser:
         assert browser.get(f"/jobs/{failed}?token={TOKEN}").status_code == 303  # the cookie
@@ -72,5 +73,15 @@ def test_state_changing_browser_requests_must_come_from_the_dashboard(serve, job
         assert browser.post(f"/api/jobs/{failed}/retry", headers={"Origin": own}).status_code == 403
         done = browser.post(action, headers={"Origin": own})
         assert done.status_code == 303 and "retried=" in done.headers["location"]
+        # the feedback form of a result's page is protected the same way, and works from it
+        page = browser.get(f"/jobs/{labelled}")
+        form = re.search(r'action="(/jobs/\d+/feedback\?csrf=[0-9a-f]+)"', page.text)
+        assert form is not None
+        body = {"agree": "yes", "author": "Dr A", "comment": "fine"}
+        forged = browser.post(f"/jobs/{labelled}/feedback", data=body, headers={"Origin": own})
+        assert forged.status_code == 403
+        given = browser.post(form.group(1), data=body, headers={"Origin": own})
+        assert given.status_code == 303
+        assert "Dr A" in browser.get(f"/jobs/{labelled}").text
     with running.client() as script:  # a bearer token needs no form token
         assert script.post(f"/api/jobs/{failed}/retry").status_code == 409  # queued already
