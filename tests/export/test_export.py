@@ -20,8 +20,8 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_ai_node.infer.runtime import read_cards
 from dicom_ai_node.export import confirmed_label
+from dicom_ai_node.infer.runtime import read_cards
 from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
 from dicom_ai_node.jobs.models import Event, Feedback, Job, Pseudonym, utcnow
 from dicom_ai_node.receive.ingest import Ingest
