@@ -389,7 +389,7 @@ def export_jobs(
         f"{sum(files.values())} images of {len(rows)} series, {len(skipped)} left out",
         route=route,
         files=files,
-        series=len(rows),
+        series_exported=len(rows),
         skipped=len(skipped),
     )
     return Exported(files, skipped, len(rows))

@@ -84,7 +84,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, l
         assert ingest.store(data, association_id=None, calling_ae_title="CT").ok
     sessions: sessionmaker[Session] = session_factory(engine)
     with sessions.begin() as session:
-        jobs = (
+        jobs: tuple[tuple[Dataset, str, list[bool]], ...] = (
             (clean[0], "hemorrhage", [True]),
             (other[0], "normal", []),
             (burned[0], "normal", []),

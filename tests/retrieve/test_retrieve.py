@@ -1,10 +1,12 @@
 """Query/retrieve from Orthanc as the PACS: C-FIND, C-MOVE to the node, C-GET, and the
-`run` command; an unknown study and a PACS that refuses the move."""
+`run` command, the API and the job list's form; an unknown study and a PACS that refuses the
+move."""
 
 from __future__ import annotations
 
 import base64
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -236,3 +238,27 @@ def test_api_pulls_in_the_background(node: Node, pacs: Orthanc, tmp_path: Path) 
     assert api.post("/api/pull", json={"route": "nope", "study": study}).status_code == 400
     both = {"route": "ct", "study": study, "since": "2026-12-01"}
     assert api.post("/api/pull", json=both).status_code == 422
+
+
+def test_job_list_form_pulls_with_the_form_token(node: Node, pacs: Orthanc, tmp_path: Path) -> None:
+    study, sops = upload_study(pacs, tmp_path, 1)
+    own = f"http://127.0.0.1:{node.http.port}"
+    with httpx.Client(base_url=own, timeout=30) as browser:
+        assert browser.get(f"/jobs?token={TOKEN}").status_code == 303  # the session cookie
+        page = browser.get("/jobs")
+        match = re.search(r'action="(/jobs/pull\?csrf=[0-9a-f]+)"', page.text)
+        assert match is not None, page.text
+        assert "<option>pacs</option>" in page.text and "<option>ct</option>" in page.text
+        form = {"route": "ct", "source": "pacs", "study": study, "since": "", "modality": ""}
+        evil = browser.post(match.group(1), data=form, headers={"Origin": "https://evil.example"})
+        assert evil.status_code == 403  # cross-site
+        assert browser.post("/jobs/pull", data=form, headers={"Origin": own}).status_code == 403
+        assert on_node(node, sops) == set()  # neither refused post pulled anything
+        pulled = browser.post(match.group(1), data=form, headers={"Origin": own})
+        assert pulled.status_code == 303
+        assert "retrieving 1 studies from pacs" in browser.get(pulled.headers["location"]).text
+        wait_for(lambda: on_node(node, sops) == set(sops), timeout=30)
+        unknown = browser.post(match.group(1), data={**form, "study": generate_uid()})
+        assert "holds+no+matching+study" in unknown.headers["location"]
+        neither = browser.post(match.group(1), data={**form, "study": ""})
+        assert "give+either+study+or+since" in neither.headers["location"]
