@@ -66,7 +66,9 @@ def test_fetch_missing_names_a_source_of_a_study_route(keys: dict[str, str], nam
 
     source = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}
     with pytest.raises(ValidationError, match=r"routes\[0\]\.fetch_missing") as raised:
-        Settings(sources=[source], routes=[{"name": "r", "model": "m", **keys}])
+        Settings.model_validate(
+            {"sources": [source], "routes": [{"name": "r", "model": "m", **keys}]}
+        )
     assert named in str(raised.value)
 
 
