@@ -35,12 +35,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DicomSettings
 from dicom_ai_node.jobs.store import add_event
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.receive.access import AddressPolicy
 from dicom_ai_node.receive.header import UnreadableInstanceError, read_header
 from dicom_ai_node.receive.record import close_association, open_association, record_instance
 from dicom_ai_node.spool import InvalidUIDError, Spool
 from dicom_ai_node.tls import TlsAE, server_context
-from dicom_ai_node.web.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 

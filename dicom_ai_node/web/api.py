@@ -20,11 +20,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DestinationSettings
 from dicom_ai_node.dispatch.deliveries import resend
+from dicom_ai_node.jobs import stats
 from dicom_ai_node.jobs.models import Job, JobState, Result
 from dicom_ai_node.jobs.queue import retry
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.web import queries
 from dicom_ai_node.web.images import dicom_to_png
-from dicom_ai_node.web.metrics import NodeMetrics
 
 StateName = Literal[
     "queued", "running", "delivering", "done", "failed", "failed_to_deliver", "skipped"
@@ -156,11 +157,11 @@ def api_router(ctx: WebContext) -> APIRouter:
         with ctx.reads() as session:
             return ctx.destination_status(session)
 
-    @router.get("/queue", response_model=queries.QueueDepth)
-    def get_queue() -> queries.QueueDepth:
+    @router.get("/queue", response_model=stats.QueueDepth)
+    def get_queue() -> stats.QueueDepth:
         """Work waiting: jobs queued and running, deliveries and notifications pending."""
         with ctx.reads() as session:
-            return queries.queue_depth(session)
+            return stats.queue_depth(session)
 
     @router.get(
         "/results/{sop_instance_uid}/image.png",

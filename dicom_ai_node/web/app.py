@@ -11,10 +11,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node import __version__
 from dicom_ai_node.config import DestinationSettings
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.web.api import WebContext, api_router, public_router
 from dicom_ai_node.web.auth import AuthError, TokenAuth
 from dicom_ai_node.web.dashboard import dashboard_router, login_page
-from dicom_ai_node.web.metrics import NodeMetrics
 
 
 def create_app(

@@ -16,6 +16,7 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from dicom_ai_node.infer.prediction import percent
+from dicom_ai_node.jobs import stats
 from dicom_ai_node.jobs.models import JobState
 from dicom_ai_node.web import queries
 from dicom_ai_node.web.api import WebContext, retry_job
@@ -66,7 +67,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
 
     def render(request: Request, name: str, refresh: bool, **values: Any) -> HTMLResponse:
         with ctx.reads() as session:
-            depth = queries.queue_depth(session)
+            depth = stats.queue_depth(session)
         return pages.TemplateResponse(
             request,
             name,
@@ -145,10 +146,10 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
         return render(
             request,
             "job.html",
-            job.state in queries.PENDING_STATES or job.state == JobState.DELIVERING.value,
+            job.state in stats.PENDING_STATES or job.state == JobState.DELIVERING.value,
             job=job,
             sc=[r for r in job.results if r.kind == "sc"],
-            retryable=job.state not in (*queries.PENDING_STATES, JobState.SKIPPED.value),
+            retryable=job.state not in (*stats.PENDING_STATES, JobState.SKIPPED.value),
             retried=retried,
         )
 

@@ -21,12 +21,12 @@ from dicom_ai_node.jobs.models import (
     Event,
     Job,
     JobState,
+    Notification,
     Result,
     Study,
 )
-from dicom_ai_node.web.models import Notification, NotificationState
+from dicom_ai_node.jobs.stats import PENDING_STATES
 
-PENDING_STATES = (JobState.QUEUED.value, JobState.RUNNING.value)
 # States in which a job's label and probability are known (inference finished).
 ANSWERED_STATES = (
     JobState.DELIVERING.value,
@@ -132,13 +132,6 @@ class DestinationStatus(BaseModel):
     last_failure_at: datetime | None
     last_error: str | None
     health: Literal["ok", "failing", "unknown"]
-
-
-class QueueDepth(BaseModel):
-    queued: int
-    running: int
-    deliveries_pending: int
-    notifications_pending: int
 
 
 class JobFilter(BaseModel):
@@ -396,33 +389,6 @@ def destinations(
             )
         )
     return statuses
-
-
-def queue_depth(session: Session) -> QueueDepth:
-    """How much work is waiting: jobs, deliveries and notifications."""
-    jobs = dict(
-        session.execute(
-            select(Job.state, func.count()).where(Job.state.in_(PENDING_STATES)).group_by(Job.state)
-        ).all()
-    )
-    deliveries = session.scalar(
-        select(func.count()).where(Delivery.state == DeliveryState.PENDING.value)
-    )
-    notifications = session.scalar(
-        select(func.count()).where(Notification.state == NotificationState.PENDING.value)
-    )
-    return QueueDepth(
-        queued=jobs.get(JobState.QUEUED.value, 0),
-        running=jobs.get(JobState.RUNNING.value, 0),
-        deliveries_pending=deliveries or 0,
-        notifications_pending=notifications or 0,
-    )
-
-
-def jobs_by_state(session: Session) -> dict[str, int]:
-    """How many jobs are in each state (every state named, zero included)."""
-    counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-    return {state.value: counts.get(state.value, 0) for state in JobState}
 
 
 def distinct_values(session: Session, column: Literal["model", "label"]) -> list[str]:

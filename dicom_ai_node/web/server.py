@@ -15,8 +15,8 @@ import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DestinationSettings
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.web.app import create_app
-from dicom_ai_node.web.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 

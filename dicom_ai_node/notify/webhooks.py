@@ -27,12 +27,20 @@ from urllib.parse import urlsplit
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_ai_node.config import NotificationSettings, Trigger
 from dicom_ai_node.jobs.loop import PollingLoop
-from dicom_ai_node.jobs.models import Event, Job, JobState, Study, utcnow
+from dicom_ai_node.jobs.models import (
+    Event,
+    Job,
+    JobState,
+    Notification,
+    NotificationCursor,
+    NotificationState,
+    Study,
+    utcnow,
+)
 from dicom_ai_node.jobs.store import add_event, upsert
-from dicom_ai_node.web.metrics import NodeMetrics
-from dicom_ai_node.web.models import Notification, NotificationCursor, NotificationState
-from dicom_ai_node.web.settings import NotificationSettings, Trigger
+from dicom_ai_node.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 

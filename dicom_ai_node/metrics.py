@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_ai_node.web.queries import jobs_by_state, queue_depth
+from dicom_ai_node.jobs.stats import jobs_by_state, queue_depth
 
 log = logging.getLogger(__name__)
 
