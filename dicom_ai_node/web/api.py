@@ -19,10 +19,9 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DestinationSettings
-from dicom_ai_node.dispatch.deliveries import resend
 from dicom_ai_node.jobs import stats
-from dicom_ai_node.jobs.models import Job, JobState, Result
-from dicom_ai_node.jobs.queue import retry
+from dicom_ai_node.jobs.models import Result
+from dicom_ai_node.jobs.queue import RetryOutcome, retry_job
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.web import queries
 from dicom_ai_node.web.images import dicom_to_png
@@ -60,28 +59,6 @@ class WebContext:
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     problems: list[str]
-
-
-class RetryOutcome(BaseModel):
-    job_id: int
-    action: Literal["requeued", "resend"]
-    deliveries: int
-    state: str
-
-
-def retry_job(session: Session, job_id: int) -> RetryOutcome:
-    """What ``dicom-ai-node jobs retry`` does: re-send the failed deliveries of a job that
-    failed to deliver, else run the job again. Raises ``LookupError`` for an unknown job and
-    ``ValueError`` for one that cannot be retried now."""
-    job = session.get(Job, job_id)
-    if job is None:
-        raise LookupError(f"no job {job_id}")
-    if job.state == JobState.FAILED_TO_DELIVER.value:
-        count = resend(session, job_id)
-        session.refresh(job)
-        return RetryOutcome(job_id=job_id, action="resend", deliveries=count, state=job.state)
-    job = retry(session, job_id)
-    return RetryOutcome(job_id=job_id, action="requeued", deliveries=0, state=job.state)
 
 
 def as_utc(moment: datetime | None) -> datetime | None:

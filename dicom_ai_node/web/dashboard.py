@@ -18,8 +18,9 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from dicom_ai_node.infer.prediction import percent
 from dicom_ai_node.jobs import stats
 from dicom_ai_node.jobs.models import JobState
+from dicom_ai_node.jobs.queue import retry_job
 from dicom_ai_node.web import queries
-from dicom_ai_node.web.api import WebContext, retry_job
+from dicom_ai_node.web.api import WebContext
 
 PAGE_SIZE = 50
 WORKLIST_HOURS = (12, 24, 72, 168)
