@@ -1,12 +1,13 @@
 # make run  : create .venv, install, start the node on its embedded defaults
 # make test : install what the tests need (Debian peers included) and run lint, types, tests
+# make test-fast : the tests that need no peer and no training, in under a minute
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := dcmtk orthanc dicom3tools pixelmed-apps chromium chromium-driver postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install install-test peers lint typecheck pytest clean
+.PHONY: run test test-fast install install-test peers lint typecheck pytest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,10 @@ pytest: $(VENV)/.installed-test peers
 	$(BIN)/pytest
 
 test: peers $(VENV)/.installed-test lint typecheck pytest
+
+# No DCMTK, Orthanc, PostgreSQL, Chromium or validators, no training: the inner loop.
+test-fast: $(VENV)/.installed-test
+	$(BIN)/pytest -q -m "not peers and not slow"
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,7 +20,11 @@ from sqlalchemy import select
 from dicom_ai_node import cli_ml
 from dicom_ai_node.config import ConfigError, Settings, load_settings
 from dicom_ai_node.demo import demo
+from dicom_ai_node.jobs.crashes import record_crashes
 from dicom_ai_node.jobs.db import SchemaTooNewError
+
+if TYPE_CHECKING:
+    from dicom_ai_node.node import Node
 
 app = typer.Typer(
     help="A DICOM node that runs a CNN classifier on received studies.",
@@ -115,6 +119,12 @@ def serve(config: ConfigOption = None) -> None:
     except ConfigError as exc:
         err.print(f"[red]configuration error:[/red] {exc}")
         raise typer.Exit(2) from None
+    with record_crashes(settings.storage.data_dir, node.owner):
+        _run(node, settings, stop, log)
+
+
+def _run(node: Node, settings: Settings, stop: threading.Event, log: logging.Logger) -> None:
+    """Start the node, wait for a stop signal, stop it."""
     try:
         node.start()
     except ConfigError as exc:

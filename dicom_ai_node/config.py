@@ -168,7 +168,18 @@ class WorkerSettings(_Section):
 
     lease_seconds: float = Field(default=60.0, gt=0)
     poll_seconds: float = Field(default=0.5, gt=0)
-    max_attempts: int = Field(default=3, ge=1)
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Attempts that failed or crashed the worker process on this job; "
+        "then the job is failed (docs/reliability.md, the crash policy)",
+    )
+    max_interruptions: int = Field(
+        default=10,
+        ge=1,
+        description="Attempts ended from outside (kill, lost host, expired lease), which do "
+        "not count as failures; a backstop against a job killed every time (out of memory)",
+    )
     job_timeout_seconds: float = Field(
         default=600.0,
         gt=0,

@@ -19,6 +19,7 @@ from dicom_ai_node import __version__
 from dicom_ai_node.assemble.loop import Assembler
 from dicom_ai_node.config import ConfigError, Settings
 from dicom_ai_node.dispatch.deliveries import Dispatcher, release_leases
+from dicom_ai_node.jobs.crashes import CrashRecords, summary
 from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, upgrade
 from dicom_ai_node.jobs.nodes import (
     Heartbeat,
@@ -27,7 +28,7 @@ from dicom_ai_node.jobs.nodes import (
     heartbeat,
     live_peers,
 )
-from dicom_ai_node.jobs.queue import recover, worker_id
+from dicom_ai_node.jobs.queue import AttemptLimits, recover, worker_id
 from dicom_ai_node.jobs.worker import Worker
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.notify import Notifier
@@ -58,6 +59,8 @@ class Node:
         self.read_sessions = session_factory(read_only(self.engine))
         self.metrics = NodeMetrics(self.read_sessions)
         self.spool = Spool(settings.storage.data_dir, settings.node_name)
+        self.crashes = CrashRecords(settings.storage.data_dir)
+        self.limits = AttemptLimits(settings.worker.max_attempts, settings.worker.max_interruptions)
         self.models = models if models is not None else self._load_models()
         extra = tuple(
             sorted({key for route in settings.routes for key in route.where} - {"CallingAETitle"})
@@ -86,7 +89,8 @@ class Node:
             self.runner.process_job,
             self.owner,
             lease_seconds=settings.worker.lease_seconds,
-            max_attempts=settings.worker.max_attempts,
+            limits=self.limits,
+            crashes=self.crashes,
             poll_seconds=settings.worker.poll_seconds,
         )
         self.dispatcher = Dispatcher(
@@ -177,18 +181,23 @@ class Node:
             dead = dead_nodes(session, timeout)
             peers = live_peers(session, name, timeout)
             lost = close_associations(session, [name, *dead])
-            requeued = recover(session, name, self.settings.worker.max_attempts)
+            requeued = recover(session, name, self.crashes.of, self.limits)
             release_leases(session, name)
+        for owner in set(requeued.values()):
+            crash = self.crashes.of(owner)
+            if crash is not None:
+                log.warning("worker %s had crashed: %s\n%s", owner, summary(crash), crash)
+            self.crashes.forget(owner)
         cleaned = self.spool.clean_temporary(dead)
         now = time.time()
         self._reindex_before = now if peers else None
         reindexed = reindex(self.sessions, self.spool, now - timeout if peers else None)
         if lost or requeued or cleaned or reindexed:
             log.warning(
-                "recovered from an unclean stop: %d associations closed, jobs %s requeued, "
+                "recovered from an unclean stop: %d associations closed, jobs %s judged, "
                 "%d partial files removed, %d spool files re-indexed",
                 lost,
-                requeued,
+                sorted(requeued),
                 cleaned,
                 reindexed,
             )

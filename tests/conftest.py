@@ -68,3 +68,13 @@ def shipped_routes() -> list[dict[str, Any]]:
     with (ROOT / "config" / "node.toml").open("rb") as f:
         routes: list[dict[str, Any]] = tomllib.load(f)["routes"]
     return routes
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Under ``-m`` (``make test-fast``), say how many tests were left to ``make test``."""
+    deselected = len(terminalreporter.stats.get("deselected", []))
+    if config.getoption("markexpr") and deselected:
+        terminalreporter.write_line(
+            f"{deselected} tests (marked peers or slow) were left to `make test`, "
+            "which runs everything"
+        )

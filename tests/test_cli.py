@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
@@ -70,6 +71,7 @@ def test_missing_config_file_is_reported(tmp_path: Path) -> None:
     assert "does not exist" in result.stderr
 
 
+@pytest.mark.slow
 def test_send_folder_to_a_node_and_list_its_jobs(
     node_factory: Callable[..., Node], tmp_path: Path
 ) -> None:
@@ -125,6 +127,7 @@ def test_send_folder_to_a_node_and_list_its_jobs(
     assert "skipped" in refused.stderr
 
 
+@pytest.mark.slow
 def test_model_card_that_does_not_match_its_weights_stops_startup(tmp_path: Path) -> None:
     import shutil
 
@@ -148,6 +151,7 @@ def test_model_card_that_does_not_match_its_weights_stops_startup(tmp_path: Path
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_port_in_use_stops_serve_with_one_message(tmp_path: Path) -> None:
     import socket
 

@@ -6,12 +6,15 @@ import socket
 import tomllib
 from pathlib import Path
 
+import pytest
 import typer
 from pydicom import dcmread
 from typer.testing import CliRunner
 
 from dicom_ai_node.demo import DEMO_ROUTES, PacsAddress, demo
 from tests.support.helpers import ROOT, free_port, storescp
+
+pytestmark = pytest.mark.peers
 
 
 def app() -> typer.Typer:

@@ -172,6 +172,8 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[str] = mapped_column(String(20), default=JobState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # attempts ended from outside (kill, lost host, expired lease): not counted against the job
+    interruptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -3,25 +3,45 @@
 A worker claims the most urgent queued job (priority, then age) with one UPDATE whose
 sub-select carries ``FOR UPDATE SKIP LOCKED``: on PostgreSQL several workers on several hosts
 skip each other's rows; on SQLite the clause renders as nothing and ``BEGIN IMMEDIATE``
-serialises writers instead. A claimed job holds a lease that its worker renews; a job whose
-lease ran out (its worker died) can be claimed again, until it has used ``max_attempts``.
+serialises writers instead. A claimed job holds a lease that its worker renews.
+
+When a job's worker dies (its lease ran out, or its node restarts and finds the job still
+running), the lost attempt is judged by :func:`interrupted` (the crash policy of
+``docs/reliability.md``): an attempt during which the process crashed on its own, running only
+this job, counts against ``max_attempts``; one ended from outside (a kill, a lost host, a lease
+that expired) does not, up to ``max_interruptions`` in a row as a backstop.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from dicom_ai_node.jobs.crashes import CrashLookup, summary
 from dicom_ai_node.jobs.models import Delivery, DeliveryState, Job, JobState, utcnow
 from dicom_ai_node.jobs.store import add_event, upsert
+
+
+@dataclass(frozen=True)
+class AttemptLimits:
+    """How many failed attempts a job gets, and how many interrupted ones (a backstop against
+    a job whose process is killed from outside every time, e.g. by the OOM killer)."""
+
+    max_attempts: int
+    max_interruptions: int
+
+
+def charged(job: Job) -> int:
+    """The attempts that count against the job: all but those interrupted from outside."""
+    return job.attempts - job.interruptions
 
 
 @dataclass(frozen=True)
@@ -144,18 +164,16 @@ def claim(
     max_attempts: int,
     now: datetime | None = None,
 ) -> Job | None:
-    """Claim the next job for ``owner`` and mark it running; ``None`` when there is none.
-
-    Takes queued jobs and running jobs whose lease has expired, most urgent first.
+    """Claim the most urgent queued job for ``owner`` and mark it running; ``None`` when there
+    is none. (Running jobs whose lease expired are put back by :func:`reap_expired` first.)
     """
     now = now or utcnow()
-    claimable = or_(
-        Job.state == JobState.QUEUED.value,
-        and_(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now),
-    )
     next_id = (
         select(Job.id)
-        .where(claimable, Job.attempts < max_attempts)
+        .where(
+            Job.state == JobState.QUEUED.value,
+            Job.attempts - Job.interruptions < max_attempts,
+        )
         .order_by(Job.priority.desc(), Job.created_at, Job.id)
         .limit(1)
         .with_for_update(skip_locked=True)
@@ -239,34 +257,104 @@ def transition(
     return True
 
 
-def recover(session: Session, node_name: str, max_attempts: int) -> list[int]:
-    """At startup: put back the jobs this node was running when it stopped.
+def interrupted(
+    session: Session, job: Job, crash: str | None, limits: AttemptLimits, *, alone: bool
+) -> None:
+    """Judge the attempt of a running job whose worker is gone, and queue or fail the job.
 
-    Jobs that used all their attempts are failed instead (a job that kills the process
-    each time must not loop forever).
+    ``crash`` is what the worker's process wrote as it crashed (:mod:`jobs.crashes`), or
+    ``None`` when it was stopped from outside: then the attempt is not the job's fault and is
+    not counted. A crash is counted against the job only when the job was ``alone``, the only
+    one its process was running; otherwise no single job can be blamed.
     """
-    running = session.scalars(
-        select(Job).where(
-            Job.state == JobState.RUNNING.value, Job.lease_owner.like(f"{node_name}:%")
-        )
-    ).all()
-    for job in running:
-        if job.attempts >= max_attempts:
+    owner = job.lease_owner or "?"
+    if crash is not None and alone:
+        if charged(job) >= limits.max_attempts:
             transition(
                 session,
                 job.id,
                 JobState.FAILED,
-                f"job {job.id} failed: its worker stopped during all {job.attempts} attempts",
-                error="worker stopped during every attempt",
+                f"job {job.id} failed: its worker process crashed during {charged(job)} "
+                f"attempts, the last ({owner}) with: {crash}",
+                error=f"the worker process crashed on this job {charged(job)} times "
+                f"({summary(crash)}); `jobs retry {job.id}` runs it again",
             )
         else:
             transition(
                 session,
                 job.id,
                 JobState.QUEUED,
-                f"job {job.id} returned to the queue: its worker ({job.lease_owner}) stopped",
+                f"job {job.id} attempt {job.attempts} counted as failed: its worker process "
+                f"({owner}) crashed with: {crash}",
+                error=f"worker process crashed: {summary(crash)}",
             )
-    return [job.id for job in running]
+        return
+    cause = "crashed while running other work too" if crash else "stopped (killed or lost)"
+    if job.interruptions + 1 >= limits.max_interruptions:
+        transition(
+            session,
+            job.id,
+            JobState.FAILED,
+            f"job {job.id} failed: its worker {cause} during {job.interruptions + 1} attempts",
+            interruptions=job.interruptions + 1,
+            error=f"interrupted {job.interruptions + 1} times: its worker process died each "
+            f"time it ran this job (out of memory?); `jobs retry {job.id}` runs it again",
+        )
+    else:
+        transition(
+            session,
+            job.id,
+            JobState.QUEUED,
+            f"job {job.id} attempt {job.attempts} interrupted, not counted: its worker "
+            f"({owner}) {cause}",
+            interruptions=job.interruptions + 1,
+        )
+
+
+def recover(
+    session: Session, node_name: str, crash_of: CrashLookup, limits: AttemptLimits
+) -> dict[int, str]:
+    """At startup: judge the jobs this node was running when it stopped (:func:`interrupted`).
+
+    Returns the jobs that were running, by id, with the lease owner each had.
+    """
+    running = session.scalars(
+        select(Job).where(
+            Job.state == JobState.RUNNING.value, Job.lease_owner.like(f"{node_name}:%")
+        )
+    ).all()
+    return _judge(session, running, crash_of, limits)
+
+
+def reap_expired(
+    session: Session, crash_of: CrashLookup, limits: AttemptLimits, now: datetime | None = None
+) -> list[str]:
+    """Judge the running jobs whose lease expired (their worker died or hung, on any host);
+    returns the lease owners whose jobs were judged, so their crash records can go."""
+    now = now or utcnow()
+    expired = session.scalars(
+        select(Job)
+        .where(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now)
+        .with_for_update(skip_locked=True)
+    ).all()
+    return sorted(set(_judge(session, expired, crash_of, limits).values()))
+
+
+def _judge(
+    session: Session, jobs: Sequence[Job], crash_of: CrashLookup, limits: AttemptLimits
+) -> dict[int, str]:
+    """:func:`interrupted` on each job, counting what each owner ran before any is moved."""
+    owners = {job.id: job.lease_owner or "" for job in jobs}
+    counts = session.execute(
+        select(Job.lease_owner, func.count())
+        .where(Job.state == JobState.RUNNING.value, Job.lease_owner.in_(set(owners.values())))
+        .group_by(Job.lease_owner)
+    )
+    running = {owner: count for owner, count in counts}
+    for job in jobs:
+        owner = owners[job.id]
+        interrupted(session, job, crash_of(owner), limits, alone=running.get(owner) == 1)
+    return owners
 
 
 def retry(session: Session, job_id: int) -> Job:
@@ -288,6 +376,7 @@ def retry(session: Session, job_id: int) -> Job:
         JobState.QUEUED,
         f"job {job_id} queued again by an operator",
         attempts=0,
+        interruptions=0,
         error=None,
     )
     session.refresh(job)

@@ -3,7 +3,9 @@
 The work itself is a callable handed in by the node (inference and reporting), so this loop
 knows nothing of the stages it drives. A job that raises is queued again until it has used
 its attempts, then marked failed with the error; one that raises :class:`PermanentJobError`
-is failed at once, since running it again would fail the same way.
+is failed at once, since running it again would fail the same way. Before each claim the
+worker judges the running jobs whose lease expired (their worker died, on any host), by the
+crash policy of :mod:`dicom_ai_node.jobs.queue`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,17 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_ai_node.jobs.crashes import CrashRecords
 from dicom_ai_node.jobs.loop import PollingLoop
 from dicom_ai_node.jobs.models import Job, JobState
-from dicom_ai_node.jobs.queue import claim, renew, transition
+from dicom_ai_node.jobs.queue import (
+    AttemptLimits,
+    charged,
+    claim,
+    reap_expired,
+    renew,
+    transition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +55,8 @@ class Worker(PollingLoop):
         owner: str,
         *,
         lease_seconds: float,
-        max_attempts: int,
+        limits: AttemptLimits,
+        crashes: CrashRecords,
         poll_seconds: float,
     ) -> None:
         super().__init__(poll_seconds)
@@ -53,12 +64,16 @@ class Worker(PollingLoop):
         self.handler = handler
         self.owner = owner
         self.lease_seconds = lease_seconds
-        self.max_attempts = max_attempts
+        self.limits = limits
+        self.crashes = crashes
 
     def run_once(self) -> bool:
         """Claim and run one job; ``False`` when the queue was empty."""
         with self.sessions.begin() as session:
-            job = claim(session, self.owner, self.lease_seconds, self.max_attempts)
+            reaped = reap_expired(session, self.crashes.of, self.limits)
+            job = claim(session, self.owner, self.lease_seconds, self.limits.max_attempts)
+        for owner in reaped:
+            self.crashes.forget(owner)
         if job is None:
             return False
         log.info(
@@ -108,7 +123,7 @@ class Worker(PollingLoop):
         # A permanent error's message is written for the operator; others get their type.
         permanent = isinstance(exc, PermanentJobError)
         error = str(exc) if permanent else f"{type(exc).__name__}: {exc}"
-        last = job.attempts >= self.max_attempts or permanent
+        last = charged(job) >= self.limits.max_attempts or permanent
         state = JobState.FAILED if last else JobState.QUEUED
         if last:
             log.error(

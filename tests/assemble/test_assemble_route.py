@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from dicom_ai_node.assemble import CompletedSeries
 from dicom_ai_node.config import RouteSettings
-from dicom_ai_node.jobs.models import Job, Series
+from dicom_ai_node.jobs.models import Job, Series, Study
 from dicom_ai_node.node import Node
 from dicom_ai_node.route import mismatch, plan_series
 from tests.support.helpers import instance, wait_for
@@ -71,7 +71,10 @@ def test_series_stays_open_while_its_association_is_open(
     datasets = series_of(2, BodyPartExamined="HEAD")
     for ds in datasets:
         assert assoc.send_c_store(ds).Status == 0
-    time.sleep(1.0)  # more than three times the stable time
+    # once the stable time has passed, a pass of the assembler decides: the series stays open
+    stable_until = time.monotonic() + 3 * node.settings.assemble.stable_seconds
+    wait_for(lambda: time.monotonic() > stable_until)
+    node.assembler.assemble_once()
     with node.sessions() as session:
         series = session.get(Series, datasets[0].SeriesInstanceUID)
         assert series is not None and series.state == "receiving"
@@ -130,8 +133,15 @@ def test_study_level_route_makes_one_job_for_the_whole_study(
     series_a = [instance("MR_small.dcm", study=study, series=generate_uid())]
     series_b = [instance("MR_small.dcm", study=study, series=generate_uid())]
     send(node, *series_a, *series_b)
-    found = wait_for(lambda: jobs(node))
-    time.sleep(0.5)  # no second job may appear
+    wait_for(lambda: jobs(node))
+
+    def study_complete() -> bool:
+        with node.sessions() as session:
+            study_row = session.get(Study, study)
+            return study_row is not None and study_row.state == "complete"
+
+    wait_for(study_complete)
+    node.assembler.assemble_once()  # a pass after everything completed: nothing is left to queue
     found = jobs(node)
     assert len(found) == 1
     assert (found[0].level, found[0].route, found[0].series_instance_uid) == (

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event as DicomEvent
 from sqlalchemy import select
@@ -27,6 +28,8 @@ from dicom_ai_node.jobs.models import Delivery, Event, Job, Result
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support.helpers import ROOT, free_port, received_uids, run_tool, storescp, wait_for
+
+pytestmark = pytest.mark.peers
 
 # --- peers ---------------------------------------------------------------------------------
 

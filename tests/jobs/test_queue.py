@@ -9,7 +9,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.jobs.models import Event, Job, JobState, utcnow
-from dicom_ai_node.jobs.queue import JobSpec, claim, enqueue, recover, renew, retry
+from dicom_ai_node.jobs.queue import (
+    AttemptLimits,
+    JobSpec,
+    claim,
+    enqueue,
+    reap_expired,
+    recover,
+    renew,
+    retry,
+)
 from tests.support.helpers import claim_from_threads
 
 
@@ -66,20 +75,71 @@ def test_a_job_is_queued_once_per_series_generation_and_route(
         assert len(session.scalars(select(Job)).all()) == 2
 
 
-def test_expired_lease_is_claimed_again_until_attempts_run_out(
+LIMITS = AttemptLimits(max_attempts=2, max_interruptions=3)
+ABORTED = "Fatal Python error: Aborted\n\nCurrent thread 0x00007f (most recent call first):"
+
+
+def no_crash(owner: str) -> str | None:
+    return None
+
+
+def test_expired_leases_are_interruptions_not_failures(sessions: sessionmaker[Session]) -> None:
+    """A worker that vanished (killed, host lost) costs the job nothing, up to the backstop."""
+    with sessions.begin() as session:
+        (job,) = enqueue(session, [spec()])
+    for attempt in (1, 2, 3):
+        later = utcnow() + timedelta(hours=attempt)
+        with sessions.begin() as session:
+            taken = claim(session, f"dead:{attempt}", 60, LIMITS.max_attempts, now=later)
+            assert taken is not None and taken.id == job.id and taken.attempts == attempt
+        with sessions.begin() as session:
+            assert reap_expired(session, no_crash, LIMITS, now=later) == []  # lease still valid
+            owners = reap_expired(session, no_crash, LIMITS, now=later + timedelta(minutes=5))
+            assert owners == [f"dead:{attempt}"]
+    with sessions() as session:
+        failed = session.get(Job, job.id)
+        assert failed is not None
+        assert (failed.state, failed.attempts, failed.interruptions) == ("failed", 3, 3)
+        assert "interrupted 3 times" in (failed.error or "")
+        messages = [e.message for e in session.scalars(select(Event).where(Event.job_id == job.id))]
+    assert sum("interrupted, not counted" in m for m in messages) == 2
+
+
+def test_a_crash_while_running_the_job_alone_counts_against_it(
     sessions: sessionmaker[Session],
 ) -> None:
     with sessions.begin() as session:
         (job,) = enqueue(session, [spec()])
+    crashed = {"poison:1": ABORTED, "poison:2": ABORTED}
     for attempt in (1, 2):
+        later = utcnow() + timedelta(hours=attempt)
         with sessions.begin() as session:
-            taken = claim(
-                session, f"dead:{attempt}", 60, 2, now=utcnow() + timedelta(hours=attempt)
-            )
-            assert taken is not None and taken.id == job.id
-            assert taken.attempts == attempt
+            assert claim(session, f"poison:{attempt}", 60, LIMITS.max_attempts, now=later)
+        with sessions.begin() as session:
+            reap_expired(session, crashed.get, LIMITS, now=later + timedelta(minutes=5))
+    with sessions() as session:
+        failed = session.get(Job, job.id)
+        assert failed is not None
+        assert (failed.state, failed.attempts, failed.interruptions) == ("failed", 2, 0)
+        assert "crashed on this job 2 times (Fatal Python error: Aborted)" in (failed.error or "")
     with sessions.begin() as session:
-        assert claim(session, "w:3", 60, 2, now=utcnow() + timedelta(hours=9)) is None
+        assert retry(session, job.id).state == JobState.QUEUED
+        again = claim(session, "fixed:1", 60, LIMITS.max_attempts)
+        assert again is not None and again.id == job.id
+
+
+def test_a_crash_is_not_blamed_on_one_of_several_jobs_of_the_process(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions.begin() as session:
+        first, second = enqueue(session, [spec(series="1.1"), spec(series="1.2")])
+        assert claim(session, "busy:1", 60, 1) and claim(session, "busy:1", 60, 1)
+    with sessions.begin() as session:
+        later = utcnow() + timedelta(minutes=5)
+        reap_expired(session, {"busy:1": ABORTED}.get, AttemptLimits(1, 3), now=later)
+    with sessions() as session:
+        jobs = [session.get(Job, first.id), session.get(Job, second.id)]
+        assert [(j.state, j.interruptions) for j in jobs if j] == [("queued", 1), ("queued", 1)]
 
 
 def test_renew_fails_for_a_worker_that_lost_its_lease(sessions: sessionmaker[Session]) -> None:
@@ -90,23 +150,26 @@ def test_renew_fails_for_a_worker_that_lost_its_lease(sessions: sessionmaker[Ses
         job_id = job.id
     with sessions.begin() as session:
         assert renew(session, job_id, "a:1", 60)
-        later = claim(session, "b:2", 60, 3, now=utcnow() + timedelta(minutes=5))
-        assert later is not None
+        later = utcnow() + timedelta(minutes=5)
+        assert reap_expired(session, no_crash, LIMITS, now=later) == ["a:1"]
+        assert claim(session, "b:2", 60, 3, now=later) is not None
     with sessions.begin() as session:
         assert not renew(session, job_id, "a:1", 60)
 
 
-def test_recover_requeues_this_nodes_running_jobs(sessions: sessionmaker[Session]) -> None:
+def test_recover_judges_this_nodes_running_jobs(sessions: sessionmaker[Session]) -> None:
     with sessions.begin() as session:
         enqueue(session, [spec(series="1.1"), spec(series="1.2"), spec(series="1.3")])
         mine = claim(session, "here:100", 60, 3)
         other = claim(session, "elsewhere:7", 60, 3)
-        spent = claim(session, "here:100", 60, 3)
+        spent = claim(session, "here:101", 60, 3)
         assert mine and other and spent
-        spent.attempts = 3  # as if it had killed its worker three times already
+        spent.attempts = 3  # its third attempt: the two before had crashed too
         ids = mine.id, other.id, spent.id
+    crashes = {"here:101": ABORTED}
     with sessions.begin() as session:
-        assert sorted(recover(session, "here", max_attempts=3)) == sorted([ids[0], ids[2]])
+        recovered = recover(session, "here", crashes.get, AttemptLimits(3, 10))
+    assert recovered == {ids[0]: "here:100", ids[2]: "here:101"}
     with sessions() as session:
         states = {job.id: job.state for job in session.scalars(select(Job))}
         kinds = [e.kind for e in session.scalars(select(Event).where(Event.job_id == ids[0]))]

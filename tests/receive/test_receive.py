@@ -28,6 +28,8 @@ from dicom_ai_node.jobs.models import Association, Instance, Series
 from dicom_ai_node.node import Node
 from tests.support.helpers import instance, run_tool, wait_for, write
 
+pytestmark = pytest.mark.peers
+
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 # One file of every transfer syntax in pydicom's own test data.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import highdicom as hd
 import pydicom
+import pytest
 
 from dicom_ai_node.report import build_kos, result_uids
 from tests.support.helpers import write
@@ -22,6 +23,7 @@ def _kos(sources, prediction, card, context):
     )
 
 
+@pytest.mark.peers
 def test_flags_key_and_positive_images(tmp_path, ct_series, predict, card, context):
     kos = _kos(ct_series, predict(ct_series, [0.2, 0.7, 0.9, 0.6, 0.1]), card, context)
     assert kos is not None

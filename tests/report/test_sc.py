@@ -82,6 +82,7 @@ def test_orientation_from_image_orientation(ct_series, predict, card, context):
         _sc(ct_series[0], prediction, card, context)
 
 
+@pytest.mark.peers
 @pytest.mark.parametrize("name", ["cr_mono1", "ct_small", "ct_j2k"])
 def test_dciodvfy_adds_no_errors(request, tmp_path, name, predict, card, context):
     source = request.getfixturevalue(name)

@@ -137,6 +137,7 @@ def test_single_radiograph_has_one_group(tmp_path, cr_mono1, predict, card, cont
     assert sr.SpecificCharacterSet == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
 
 
+@pytest.mark.peers
 @pytest.mark.parametrize("name", ["ct_series", "cr_mono1", "ct_small"])
 def test_dciodvfy_reports_no_errors(request, tmp_path, name, predict, card, context):
     source = request.getfixturevalue(name)
@@ -145,6 +146,7 @@ def test_dciodvfy_reports_no_errors(request, tmp_path, name, predict, card, cont
     assert dciodvfy_errors(path) == []
 
 
+@pytest.mark.peers
 def test_dsr2html_renders_finding_and_probability(tmp_path, cr_mono1, predict, card, context):
     path = write(_sr([cr_mono1], predict([cr_mono1], [0.87]), card, context), tmp_path)
     html = dcmtk_sr("dsr2html", path)

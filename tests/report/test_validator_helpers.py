@@ -8,6 +8,8 @@ import pytest
 
 from tests.support.validators import dciodvfy, dcmtk_sr, sr_validator
 
+pytestmark = pytest.mark.peers
+
 
 @pytest.fixture
 def garbage(tmp_path: Path) -> Path:

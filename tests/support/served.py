@@ -35,7 +35,8 @@ class Served:
         self.log = tmp_path / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, *, wait: bool = True) -> None:
+        """Start ``serve``; with ``wait``, return once it listens (failing if it exits)."""
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dicom_ai_node", "serve"],
@@ -44,6 +45,9 @@ class Served:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+
+        if not wait:
+            return
 
         def listening() -> bool:
             assert self.proc is not None

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select
@@ -17,6 +18,8 @@ from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support.helpers import run_tool, wait_for
 from tests.support.malformed import base_ct
+
+pytestmark = pytest.mark.peers
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 FINAL = ("done", "failed", "skipped")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config
 from sqlalchemy import select
@@ -25,6 +26,8 @@ from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support.helpers import run_tool, wait_for
 from tests.support.malformed import Case, corpus
+
+pytestmark = pytest.mark.peers
 
 FINAL = ("done", "failed", "skipped", "failed_to_deliver")
 

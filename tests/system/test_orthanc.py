@@ -20,6 +20,8 @@ from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support.helpers import free_port, wait_for
 from tests.support.orthanc import Orthanc
 
+pytestmark = pytest.mark.peers
+
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
 KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection

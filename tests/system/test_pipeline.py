@@ -15,6 +15,8 @@ from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support.helpers import run_tool, wait_for
 
+pytestmark = pytest.mark.peers
+
 
 def finished_jobs(node: Node, count: int) -> list[Job]:
     def done() -> list[Job] | None:

@@ -19,6 +19,8 @@ from dicom_ai_node.node import Node
 from tests.support.helpers import claim_from_threads, instance, wait_for
 from tests.support.postgres import empty_job_log, postgres_server
 
+pytestmark = pytest.mark.peers
+
 
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:

@@ -27,6 +27,8 @@ from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support.certs import make_certificates, tls_destination, tls_storescp
 from tests.support.helpers import free_port, run_tool, wait_for
 
+pytestmark = pytest.mark.peers
+
 SECRETS = ("Secret^Person", "Secret", "PID-SECRET-42", "19450317")
 
 

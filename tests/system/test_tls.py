@@ -35,6 +35,8 @@ from tests.support.helpers import (
     write,
 )
 
+pytestmark = pytest.mark.peers
+
 
 @pytest.fixture
 def certs(tmp_path: Path) -> Certificates:

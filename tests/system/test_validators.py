@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import select
@@ -21,6 +22,8 @@ from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support.helpers import run_tool, wait_for
 from tests.support.validators import dciodvfy_errors, dcmtk_sr, sr_validator
+
+pytestmark = pytest.mark.peers
 
 MEANINGS = {"head-ct-hemorrhage-demo": "Intracranial hemorrhage", "cxr-opacity-demo": "opacity"}
 

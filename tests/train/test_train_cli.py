@@ -18,6 +18,8 @@ from dicom_ai_node.synth import Task
 from dicom_ai_node.train.data import load_folder
 from dicom_ai_node.train.tasks import TASK_CARDS
 
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 
 

@@ -21,6 +21,8 @@ from dicom_ai_node.web.server import HttpServer
 from tests.support.helpers import wait_for
 from tests.support.joblog import TOKEN
 
+pytestmark = pytest.mark.peers
+
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
