@@ -14,7 +14,12 @@ Stages (medians): ``wait`` from the last image to the job's start (the stable ti
 assembler's poll), ``infer`` from the job's start to its results written (inference, heat
 map, SR/SC/KOS), ``send`` from there to the last result acknowledged by Orthanc.
 
-Usage: ``.venv/bin/python benchmarks/e2e.py [--runs 3] [--stable 1.0] [--slices 200]``
+With ``--mpps`` each case also runs with a Modality Performed Procedure Step: right after
+Orthanc has sent the study, a pynetdicom MPPS SCU creates a step and sets it COMPLETED with
+the study's series and instances, so the series completes without the stable wait; both
+totals (last image -> last result in Orthanc, stable time included) are printed side by side.
+
+Usage: ``.venv/bin/python benchmarks/e2e.py [--runs 3] [--stable 1.0] [--slices 200] [--mpps]``
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +49,7 @@ from dicom_ai_node.demo import DEMO_ROUTES  # noqa: E402
 from dicom_ai_node.jobs.models import Delivery, Instance, Job, Result  # noqa: E402
 from dicom_ai_node.node import Node  # noqa: E402
 from dicom_ai_node.synth import Label, Task, generate_studies  # noqa: E402
+from tests.support.helpers import free_port  # noqa: E402
 from tests.support.orthanc import Orthanc  # noqa: E402
 
 TARGETS = {"radiograph": 2.0, "ct": 10.0}  # seconds, stable time excluded
@@ -53,19 +64,52 @@ class Run:
     send: float
 
 
-def free_port() -> int:
-    import socket
+def send_mpps(node: Node, files: list[Path]) -> None:
+    """N-CREATE a step IN PROGRESS, then N-SET it COMPLETED listing ``files`` (PS3.4 F.7)."""
+    series: dict[str, list[Dataset]] = {}
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True)
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = ds.SOPClassUID
+        ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        series.setdefault(str(ds.SeriesInstanceUID), []).append(ref)
+    performed = []
+    for uid, refs in series.items():
+        item = Dataset()
+        item.SeriesInstanceUID = uid
+        item.ReferencedImageSequence = refs
+        performed.append(item)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ModalityPerformedProcedureStep)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title=node.settings.dicom.ae_title)
+    if not assoc.is_established:
+        raise RuntimeError("the node refused the MPPS association")
+    step = generate_uid()
+    try:
+        created = Dataset()
+        created.PerformedProcedureStepStatus = "IN PROGRESS"
+        status, _ = assoc.send_n_create(created, ModalityPerformedProcedureStep, step)
+        if status.Status != 0:
+            raise RuntimeError(f"N-CREATE answered 0x{status.Status:04X}")
+        done = Dataset()
+        done.PerformedProcedureStepStatus = "COMPLETED"
+        done.PerformedSeriesSequence = performed
+        status, _ = assoc.send_n_set(done, ModalityPerformedProcedureStep, step)
+        if status.Status != 0:
+            raise RuntimeError(f"N-SET answered 0x{status.Status:04X}")
+    finally:
+        assoc.release()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
-
-def one_run(node: Node, orthanc: Orthanc, study: Path, timeout: float = 300) -> Run:
+def one_run(
+    node: Node, orthanc: Orthanc, study: Path, timeout: float = 300, *, mpps: bool = False
+) -> Run:
     """Send one study from Orthanc to the node and time it until its results are back."""
     files = sorted(study.rglob("*.dcm"))
     study_id = orthanc.upload(files)
     orthanc.send_study("ainode", study_id)
+    if mpps:
+        send_mpps(node, files)
     uid = study.name
     deadline = time.monotonic() + timeout
     while True:
@@ -112,6 +156,7 @@ def main() -> int:
     parser.add_argument("--stable", type=float, default=1.0, help="assemble.stable_seconds")
     parser.add_argument("--slices", type=int, default=200, help="CT slices")
     parser.add_argument("--ct-size", type=int, default=512, help="CT matrix")
+    parser.add_argument("--mpps", action="store_true", help="also run each case completed by MPPS")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -144,7 +189,7 @@ def main() -> int:
         studies = {
             name: [
                 generate_studies(task, Label.POSITIVE, 1, root / "synth" / name, seed, **kw)[0]
-                for seed in range(args.runs)
+                for seed in range(args.runs * (2 if args.mpps else 1))
             ]
             for name, (task, kw) in cases.items()
         }
@@ -159,7 +204,7 @@ def main() -> int:
             )
             failed = False
             for name, paths in studies.items():
-                runs = [one_run(node, orthanc, study) for study in paths]
+                runs = [one_run(node, orthanc, study) for study in paths[: args.runs]]
                 med = {
                     key: statistics.median(getattr(run, key) for run in runs)
                     for key in ("total", "wait", "infer", "send")
@@ -174,6 +219,17 @@ def main() -> int:
                     f"{med['infer']:.2f} + send {med['send']:.2f}; runs: "
                     + ", ".join(f"{run.total - args.stable:.2f}" for run in runs)
                 )
+                if args.mpps:
+                    by_mpps = [
+                        one_run(node, orthanc, study, mpps=True) for study in paths[args.runs :]
+                    ]
+                    print(
+                        f"{name:10} last image -> last result in Orthanc, median: completed by "
+                        f"MPPS {statistics.median(r.total for r in by_mpps):.2f} s (wait "
+                        f"{statistics.median(r.wait for r in by_mpps):.2f}), by the stable time "
+                        f"{med['total']:.2f} s (wait {med['wait']:.2f}); MPPS runs: "
+                        + ", ".join(f"{r.total:.2f}" for r in by_mpps)
+                    )
         finally:
             node.stop()
             orthanc.stop()

@@ -26,6 +26,7 @@ import numpy as np
 from pydicom import dcmread
 
 from dicom_ai_node.infer import LoadedModel, load_models
+from dicom_ai_node.infer.backends import KerasBackend
 from dicom_ai_node.infer.preprocess import to_model_input
 from dicom_ai_node.synth import Label, Task, generate_studies
 
@@ -81,7 +82,9 @@ def main() -> None:
             args.repeats, lambda: [model.predict_batch(batch, explain=True) for _ in range(steps)]
         )
         rows.append(("compute + Grad-CAM for every image", steps * len(batch) / explain))
-        naive_model = LoadedModel(model.package, batch_size=1).model
+        backend = LoadedModel(model.package, batch_size=1).backend
+        assert isinstance(backend, KerasBackend)
+        naive_model = backend.model
         k = args.naive_images
         naive = best_of(1, lambda: [naive_model.predict(x[None], verbose=0) for x in inputs[:k]])
         rows.append((f"naive model.predict per image ({k} images)", k / naive))

@@ -1,4 +1,5 @@
-"""The ``dicom-ai-node`` command: serve, send, jobs, models, synth, train, evaluate, demo."""
+"""The ``dicom-ai-node`` command: serve, send, run, export, jobs, models, synth, train,
+evaluate, demo."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy import select
 
-from dicom_ai_node import cli_ml
+from dicom_ai_node import cli_ml, cli_pull
 from dicom_ai_node.config import ConfigError, Settings, load_settings
 from dicom_ai_node.demo import demo
 from dicom_ai_node.jobs.crashes import record_crashes
@@ -38,6 +39,8 @@ app.command("synth")(cli_ml.synth)
 app.command("train")(cli_ml.train)
 app.command("evaluate")(cli_ml.evaluate)
 app.command("demo")(demo)
+app.command("run")(cli_pull.run)
+app.command("export")(cli_pull.export)
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)

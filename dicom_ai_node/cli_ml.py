@@ -1,12 +1,15 @@
 """Command-line commands for models, synthetic data, training and evaluation.
 
-``cli.py`` registers them on the main app: ``models`` (``list``, ``show``), ``synth``,
+``cli.py`` registers them on the main app: ``models`` (``list``, ``show``, ``import``,
+``check``), ``synth``,
 ``train`` and ``evaluate``. Bad input ends with a one-line error and exit code 1, no traceback.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -27,6 +30,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from dicom_ai_node.infer.backends import BackendError, weights_path, weights_sha256
 from dicom_ai_node.infer.card import ModelCard
 from dicom_ai_node.infer.runtime import (
     LoadedModel,
@@ -106,13 +110,14 @@ def list_models(
                 "body_parts": card.body_parts,
                 "not_for_diagnostic_use": card.not_for_diagnostic_use,
                 "path": str(path),
+                "weights_sha256": _sha256_of(path),
             }
             for path, card in cards.values()
         ]
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(title="Model packages")
-    for column in ("name", "version", "labels", "modalities", "body parts", "path"):
+    for column in ("name", "version", "labels", "modalities", "body parts", "weights", "path"):
         table.add_column(column)
     for path, card in cards.values():
         table.add_row(
@@ -121,9 +126,19 @@ def list_models(
             _labels_text(card),
             ", ".join(card.modalities),
             ", ".join(card.body_parts),
+            _sha256_of(path),
             str(path),
         )
     console.print(table)
+
+
+def _sha256_of(package: Path) -> str:
+    """``<weights name> sha256 <hex>`` of a package, or what is wrong with its weights."""
+    try:
+        weights = weights_path(package)
+    except BackendError as exc:
+        return f"({exc})"
+    return f"{weights.name} {weights_sha256(weights)}"
 
 
 @models_app.command("show")
@@ -149,13 +164,150 @@ def show_model(
         "aggregation": card.aggregation.value
         + (f" (k={card.top_k})" if card.aggregation == "topk_mean" else ""),
         "modalities / body parts": f"{', '.join(card.modalities)} / {', '.join(card.body_parts)}",
-        "parameters": f"{model.model.count_params():,}",
+        "parameters": f"{model.backend.parameters or 0:,}",
+        "backend": model.backend.kind,
+        "heat maps": model.explanation,
         "package": str(package),
-        "weights size": f"{(package / 'model.keras').stat().st_size / 1e6:.2f} MB",
+        "weights": f"{model.weights.name}, sha256 {model.weights_sha256}",
     }
     for key, value in rows.items():
         table.add_row(key, value)
     console.print(table)
+
+
+_IMPORTED_NAMES = {".keras": "model.keras", ".onnx": "model.onnx"}
+
+
+@models_app.command("import")
+def import_model(
+    weights: Annotated[
+        Path, typer.Argument(help="A .keras or .onnx file, or a TensorFlow SavedModel folder.")
+    ],
+    card_file: Annotated[Path, typer.Option("--card", help="The model card (model.toml).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to create the package in.")] = Path(
+        "."
+    ),
+) -> None:
+    """Build a model package from weights and a card, and check it: the card's input shape
+    and labels against the weights, and a test inference on a synthetic input."""
+    with _clean_errors():
+        card = read_card(card_file)
+        if weights.is_dir():
+            if not (weights / "saved_model.pb").is_file():
+                raise ModelPackageError(f"{weights}: a folder, but not a SavedModel")
+            name = "saved_model"
+        elif weights.suffix in _IMPORTED_NAMES:
+            name = _IMPORTED_NAMES[weights.suffix]
+        else:
+            raise ModelPackageError(f"{weights}: expected a .keras or .onnx file or a SavedModel")
+        package = out / card.name
+        if package.exists():
+            raise ModelPackageError(f"{package} already exists")
+        staging = Path(tempfile.mkdtemp(prefix=f".{card.name}-", dir=out))
+        try:
+            copy = shutil.copytree if weights.is_dir() else shutil.copyfile
+            copy(weights, staging / name)
+            card.dump(staging / "model.toml")
+            model = LoadedModel(staging, card=card, batch_size=1)
+            probabilities, heatmap = _test_inference(model)
+        except BaseException:
+            shutil.rmtree(staging)
+            raise
+        staging.rename(package)
+    table = Table(show_header=False, title=f"{card.name} {card.version}: package checked")
+    rows = {
+        "package": str(package),
+        "backend": model.backend.kind,
+        "weights": f"{name}, sha256 {model.weights_sha256}",
+        "input": f"{card.input.height} x {card.input.width} x {card.input.channels}",
+        "labels": _labels_text(card),
+        "test inference": ", ".join(f"{k} {v:.3f}" for k, v in probabilities.items()),
+        "heat map": heatmap,
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    console.print(table)
+
+
+def _test_inference(model: LoadedModel) -> tuple[dict[str, float], str]:
+    """Run a seeded random input through the model; refuse outputs that are not
+    probabilities (NaN, outside [0, 1], or not summing to 1 over more than one label)."""
+    card = model.card
+    shape = (1, card.input.height, card.input.width, card.input.channels)
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    probabilities, maps = model.predict_batch(image, explain=True)
+    values = probabilities[0]
+    if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 1:
+        raise ModelPackageError(
+            f"model package {card.name}: outputs {values.tolist()} are not probabilities "
+            "(the network must end in softmax or sigmoid)"
+        )
+    if abs(float(values.sum()) - 1.0) > 1e-3:
+        console.print(
+            f"[yellow]warning:[/] outputs sum to {values.sum():.3f}, not 1 (independent sigmoids?)"
+        )
+    made = "none made" if maps is None else f"{model.explanation}, {maps.shape[1]}x{maps.shape[2]}"
+    return {label.name: float(p) for label, p in zip(card.labels, values, strict=True)}, made
+
+
+@models_app.command("check")
+def check_model(
+    name: Annotated[str, typer.Argument(help="Model name, or path of a package folder.")],
+    files: Annotated[list[Path] | None, typer.Argument(help="DICOM files to run it on.")] = None,
+    models_dir: ModelsDirs = None,
+) -> None:
+    """Run a package on sample DICOM files and print, per image, what the preprocessing made
+    of it and the network's output, so that the card can be checked against the training."""
+    from pydicom import dcmread
+
+    from dicom_ai_node.infer.preprocess import to_model_input
+
+    with _clean_errors():
+        model = LoadedModel(_package_path(name, models_dir or []), batch_size=1)
+    card = model.card
+    console.print(
+        f"{card.name} {card.version} ({model.backend.kind}, sha256 {model.weights_sha256}); "
+        f"preprocessing: {card.preprocessing.model_dump_json()}"
+    )
+    table = Table(title="preprocessing and output per file")
+    for column in ("file", "source", "model input", "output", "label"):
+        table.add_column(column)
+    failed = 0
+    for path in files or []:
+        try:
+            ds = dcmread(path)
+            image = to_model_input(ds, card.input, card.preprocessing)
+        except Exception as exc:  # pydicom and the decoders raise many types
+            table.add_row(str(path), f"[red]cannot read: {exc}[/]", "", "", "")
+            failed += 1
+            continue
+        probabilities, _ = model.predict_batch(image[np.newaxis])
+        probs = {
+            label.name: float(p) for label, p in zip(card.labels, probabilities[0], strict=True)
+        }
+        source = (
+            f"{ds.get('Modality', '?')} {ds.get('Rows')}x{ds.get('Columns')} "
+            f"{ds.get('PhotometricInterpretation', '?')}, {ds.get('BitsStored', '?')} bits stored"
+        )
+        shown = (
+            f"{'x'.join(map(str, image.shape))}, min {image.min():.3f} "
+            f"mean {image.mean():.3f} max {image.max():.3f}"
+        )
+        output = ", ".join(f"{k} {v:.3f}" for k, v in probs.items())
+        table.add_row(str(path), source, shown, output, model.label_for(probs))
+    if not files:
+        with _clean_errors():
+            tested, heatmap = _test_inference(model)
+        table.add_row(
+            "(synthetic random input)",
+            "",
+            "",
+            ", ".join(f"{k} {v:.3f}" for k, v in tested.items()),
+            f"heat map: {heatmap}",
+        )
+    console.print(table)
+    if failed:
+        raise typer.Exit(1)
 
 
 def _package_path(name: str, models_dir: list[Path]) -> Path:
@@ -335,17 +487,36 @@ def _epoch_printer(
 
 
 def evaluate(
-    data: Annotated[Path, typer.Argument(help="Folder of class sub-folders, or a .npz file.")],
-    model: Annotated[str, typer.Option("--model", help="Model name or package folder.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the report files.")],
+    data: Annotated[
+        Path | None, typer.Argument(help="Folder of class sub-folders, or a .npz file.")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model name or package.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the report files.")] = None,
     models_dir: ModelsDirs = None,
     seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
+    feedback: Annotated[
+        bool,
+        typer.Option(
+            "--feedback", help="Instead: each model version against the radiologists' feedback."
+        ),
+    ] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Node configuration (--feedback).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (--feedback).")] = False,
 ) -> None:
     """Evaluate a model package: per series for DICOM folders (as the node runs it), per image
-    for PNG/JPEG folders and for the test split of a .npz."""
+    for PNG/JPEG folders and for the test split of a .npz; or, with ``--feedback``, every
+    model version in the job log against the radiologists' feedback."""
     from dicom_ai_node.train.data import load_folder, load_npz
     from dicom_ai_node.train.trainer import evaluate_samples, evaluate_series
 
+    if feedback:
+        _evaluate_feedback(config, as_json)
+        return
+    if data is None or model is None or out is None:
+        console.print("[bold red]error:[/] give DATA, --model and --out (or --feedback)")
+        raise typer.Exit(2)
     with _clean_errors():
         loaded = LoadedModel(_package_path(model, models_dir or []))
         if data.suffix == ".npz":
@@ -366,6 +537,63 @@ def evaluate(
                     report = evaluate_samples(loaded, samples, out, data=str(data), seed=seed)
     _print_report(report)
     console.print(f"report: [bold]{out / 'evaluation.md'}[/]")
+
+
+def _evaluate_feedback(config: Path | None, as_json: bool) -> None:
+    """Sensitivity and specificity (Wilson 95 % intervals) per model version, taking each
+    job's latest feedback as the truth: agreeing with a positive finding makes it a true
+    positive, disagreeing a false positive; likewise for negative findings."""
+    from dicom_ai_node.cli import _db
+    from dicom_ai_node.jobs.queue import latest_feedback
+
+    with _db(config)() as session:
+        rows = latest_feedback(session)
+    tallies: dict[tuple[str, str], dict[str, int]] = {}
+    for model, version, positive, agree in rows:
+        tally = tallies.setdefault((model, version), {"tp": 0, "fp": 0, "tn": 0, "fn": 0})
+        tally[("t" if agree else "f") + ("p" if positive else "n")] += 1
+    if as_json:
+        typer.echo(json.dumps([_feedback_row(m, v, t) for (m, v), t in sorted(tallies.items())]))
+        return
+    table = Table(title="Model versions against the radiologists' feedback")
+    for column in (
+        "model",
+        "version",
+        "cases",
+        "TP",
+        "FP",
+        "TN",
+        "FN",
+        "sensitivity",
+        "specificity",
+    ):
+        table.add_column(column)
+    for (model, version), t in sorted(tallies.items()):
+        row = _feedback_row(model, version, t)
+        cells = [
+            "n/a"
+            if row[k] is None
+            else f"{row[k]:.2f} ({row[k + '_ci95'][0]:.2f} to {row[k + '_ci95'][1]:.2f})"
+            for k in ("sensitivity", "specificity")
+        ]
+        counts = [str(t[k]) for k in ("tp", "fp", "tn", "fn")]
+        table.add_row(model, version, str(row["cases"]), *counts, *cells)
+    console.print(table if tallies else "no feedback in the job log")
+
+
+def _feedback_row(model: str, version: str, tally: dict[str, int]) -> dict[str, Any]:
+    """Counts, sensitivity and specificity with Wilson 95 % intervals (None when undefined)."""
+    from dicom_ai_node.infer.evaluation import wilson_interval
+
+    row: dict[str, Any] = {"model": model, "version": version, "cases": sum(tally.values())}
+    row.update(tally)
+    for name, hits, misses in (
+        ("sensitivity", tally["tp"], tally["fn"]),
+        ("specificity", tally["tn"], tally["fp"]),
+    ):
+        row[name] = hits / (hits + misses) if hits + misses else None
+        row[f"{name}_ci95"] = list(wilson_interval(hits, hits + misses))
+    return row
 
 
 def _print_report(report: dict[str, Any]) -> None:

@@ -16,7 +16,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -69,6 +77,27 @@ def _networks(values: list[str]) -> list[str]:
     return values
 
 
+class ConnectionLimits(_Section):
+    """What one peer may hold of the DICOM listener before and after it associates (see
+    ``docs/security.md``): pending connections have not yet sent their A-ASSOCIATE-RQ."""
+
+    pre_association_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds a new connection has for its TLS handshake and A-ASSOCIATE-RQ",
+    )
+    max_pending_per_address: int = Field(default=4, ge=1)
+    max_pending: int = Field(default=32, ge=1)
+    max_associations_per_address: int = Field(default=5, ge=1)
+    max_associations_per_ae: int = Field(default=5, ge=1)
+    min_bytes_per_second: float = Field(
+        default=1024,
+        ge=0,
+        description="A peer slower than this mid-PDU is cut off after the grace; 0 = no floor",
+    )
+    slow_sender_grace_seconds: float = Field(default=10.0, gt=0)
+
+
 class DicomSettings(_Section):
     """The DICOM listener (the SCP that a PACS sends to)."""
 
@@ -84,6 +113,7 @@ class DicomSettings(_Section):
         '"*" applies to the AE titles not listed; absent = any address',
     )
     tls: TlsSettings = TlsSettings()
+    limits: ConnectionLimits = ConnectionLimits()
     maximum_associations: int = Field(default=10, ge=1)
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=30.0, gt=0)
@@ -148,6 +178,36 @@ class HttpSettings(_Section):
     port: int = Field(default=8080, ge=0, le=65535)
     token: str = ""
     public_url: str = Field(default="", description="Where users reach the dashboard")
+    stow_max_mb: float = Field(
+        default=2048,
+        gt=0,
+        description="Refuse larger STOW-RS request bodies (HTTP 413); one instance in it is "
+        "bounded by [dicom] max_instance_mb as over C-STORE",
+    )
+
+
+class AuditSettings(_Section):
+    """The audit trail (PS3.15 A.5): always in the job log; also sent to a syslog audit
+    repository (RFC 5424 over TCP, or TLS with ``tls``) when ``syslog`` is set."""
+
+    syslog: str = Field(default="", description='"host:port" of the audit repository; "" = none')
+    tls: bool = False
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    enterprise_site_id: str = ""
+    queue_size: int = Field(default=10000, ge=1)
+    retry_base_seconds: float = Field(default=1.0, gt=0)
+    retry_max_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("syslog")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{value!r} is not host:port")
+        return value
 
 
 class AssembleSettings(_Section):
@@ -197,8 +257,8 @@ class DispatchSettings(_Section):
     poll_seconds: float = Field(default=1.0, gt=0)
 
 
-class DestinationSettings(_Section):
-    """A DICOM peer that receives results by C-STORE."""
+class PeerSettings(_Section):
+    """A DICOM peer: its name here, AE title, address, and TLS options."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     ae_title: str = Field(pattern=_AE_TITLE)
@@ -213,13 +273,79 @@ class DestinationSettings(_Section):
     server_name: str = Field(default="", description="Name in the peer's certificate; = host")
 
     @model_validator(mode="after")
-    def _tls_options(self) -> DestinationSettings:
+    def _tls_options(self) -> PeerSettings:
         if (self.certificate is None) != (self.private_key is None):
             raise ValueError("certificate and private_key go together")
         uses_tls = self.ca_certificates or self.certificate or self.server_name
-        if uses_tls and not self.tls:
+        if uses_tls and not self._uses_tls():
             raise ValueError("TLS options given but tls = false")
         return self
+
+    def _uses_tls(self) -> bool:
+        return self.tls
+
+
+class DestinationSettings(PeerSettings):
+    """A peer that receives results: by C-STORE (``type = "dicom"``: ``ae_title``,
+    ``host``, ``port``) or by STOW-RS (``type = "dicomweb"``: ``url``, the DICOMweb
+    service root, with ``username`` and ``password`` or a bearer ``token``)."""
+
+    type: Literal["dicom", "dicomweb"] = "dicom"
+    ae_title: str = Field(default="", pattern=rf"^$|{_AE_TITLE}")
+    host: str = ""
+    port: int = Field(default=104, ge=1, le=65535)
+    url: str = Field(
+        default="", pattern=r"^$|^https?://", description="DICOMweb service root (dicomweb)"
+    )
+    username: str = Field(default="", description="HTTP basic user (dicomweb)")
+    password: SecretStr = Field(default=SecretStr(""), description="HTTP basic password")
+    token: SecretStr = Field(default=SecretStr(""), description="HTTP bearer token (dicomweb)")
+    objects: list[Literal["sr", "sc", "kos"]] = Field(
+        default=["sr", "sc", "kos"],
+        min_length=1,
+        description="Which of a route's result objects this peer gets: e.g. sc only for a "
+        "PACS whose viewer shows no SR, sr + kos for an IHE AI Results consumer",
+    )
+
+    @model_validator(mode="after")
+    def _type_options(self) -> DestinationSettings:
+        if self.type == "dicom":
+            if not self.ae_title or not self.host:
+                raise ValueError("a dicom destination needs ae_title and host")
+            if self.url or self.username or self.token.get_secret_value():
+                raise ValueError("url, username and token are for dicomweb destinations")
+        else:
+            if not self.url:
+                raise ValueError("a dicomweb destination needs url")
+            if self.username and self.token.get_secret_value():
+                raise ValueError("give username and password, or token, not both")
+            if self.tls or self.server_name:
+                raise ValueError("a dicomweb destination uses TLS by an https:// url")
+        return self
+
+    def _uses_tls(self) -> bool:
+        return self.tls or self.url.startswith("https://")
+
+    @property
+    def address(self) -> str:
+        """Where the destination is, for people: ``AE@host:port`` or the URL."""
+        return self.url if self.type == "dicomweb" else f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class SourceSettings(PeerSettings):
+    """A PACS the node queries (C-FIND) and retrieves studies from (C-MOVE or C-GET).
+
+    With ``retrieve = "move"`` the PACS sends the instances to the node's own listener (it
+    must know the node's AE title, host and port as a move destination); with ``"get"`` they
+    come back on the node's own association (C-GET, PS3.4 C.4.3). A backfill is throttled:
+    at most ``max_associations`` studies retrieved at once and, on average,
+    ``max_instances_per_second`` (0 = no limit).
+    """
+
+    retrieve: Literal["move", "get"] = "move"
+    max_associations: int = Field(default=1, ge=1, le=16)
+    max_instances_per_second: float = Field(default=0, ge=0)
+    timeout: float = Field(default=600.0, gt=0, description="DIMSE timeout of a retrieve")
 
 
 class RouteSettings(_Section):
@@ -236,6 +362,10 @@ class RouteSettings(_Section):
     outputs: list[Literal["sr", "sc", "kos"]] = ["sr", "sc"]
     destinations: list[str] = []
     priority: int = Field(default=0, description="Higher runs first")
+    shadow: bool = Field(
+        default=False,
+        description="Shadow mode: run the model and record its results, deliver and notify nothing",
+    )
 
     @field_validator("where")
     @classmethod
@@ -323,10 +453,12 @@ class Settings(BaseSettings):
     assemble: AssembleSettings = AssembleSettings()
     worker: WorkerSettings = WorkerSettings()
     dispatch: DispatchSettings = DispatchSettings()
+    audit: AuditSettings = AuditSettings()
     models: ModelsSettings = ModelsSettings()
     cluster: ClusterSettings = ClusterSettings()
     logging: LoggingSettings = LoggingSettings()
     destinations: list[DestinationSettings] = []
+    sources: list[SourceSettings] = []
     routes: list[RouteSettings] = []
     notifications: list[NotificationSettings] = []
 
@@ -336,6 +468,10 @@ class Settings(BaseSettings):
         for i, name in enumerate(names):
             if name in names[:i]:
                 raise ValueError(f"destinations: duplicate name {name!r}")
+        sources = [s.name for s in self.sources]
+        for i, name in enumerate(sources):
+            if name in sources[:i]:
+                raise ValueError(f"sources: duplicate name {name!r}")
         route_names = [r.name for r in self.routes]
         for i, route in enumerate(self.routes):
             if route.name in route_names[:i]:

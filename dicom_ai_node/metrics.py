@@ -9,7 +9,7 @@ process or host did the work). A registry per node lets several nodes run in one
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -17,7 +17,14 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_ai_node.jobs.stats import jobs_by_state, queue_depth
+from dicom_ai_node.infer.evaluation import ExpectedRate
+from dicom_ai_node.jobs.models import utcnow
+from dicom_ai_node.jobs.stats import (
+    feedback_counts,
+    jobs_by_state,
+    positive_rates,
+    queue_depth,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +38,11 @@ _END_TO_END_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 class _JobLogCollector(Collector):
     """Jobs by state and queue depths, counted in the job log at each scrape."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], expected: Mapping[str, ExpectedRate]
+    ) -> None:
         self.sessions = sessions
+        self.expected = expected
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(f"{PREFIX}_database_up", "1 if the job log answered the scrape")
@@ -40,6 +50,8 @@ class _JobLogCollector(Collector):
             with self.sessions() as session:
                 states = jobs_by_state(session)
                 depth = queue_depth(session)
+                feedback = feedback_counts(session)
+                today = [r for r in positive_rates(session, days=1) if r.day == utcnow().date()]
         except SQLAlchemyError:
             log.warning("metrics: the job log did not answer", exc_info=True)
             up.add_metric([], 0)
@@ -64,6 +76,31 @@ class _JobLogCollector(Collector):
             "Webhook notifications waiting to be sent",
             value=depth.notifications_pending,
         )
+        opinions = GaugeMetricFamily(
+            f"{PREFIX}_feedback",
+            "Radiologists' feedback on findings, by model, version and agreement",
+            labels=["model", "version", "agree"],
+        )
+        for model, version, agree, count in feedback:
+            opinions.add_metric([model, version, "true" if agree else "false"], count)
+        yield opinions
+        rates = GaugeMetricFamily(
+            f"{PREFIX}_positive_rate",
+            "Share of today's (UTC) finished jobs with a positive finding, by model version",
+            labels=["model", "version"],
+        )
+        drift = GaugeMetricFamily(
+            f"{PREFIX}_positive_rate_outside_expected",
+            "1 when today's positive rate is outside the interval of the package's evaluation",
+            labels=["model", "version"],
+        )
+        for day in today:
+            rates.add_metric([day.model, day.version], day.rate)
+            expected = self.expected.get(day.model)
+            if expected is not None and expected.version == day.version:
+                drift.add_metric([day.model, day.version], float(not expected.contains(day.rate)))
+        yield rates
+        yield drift
 
 
 class NodeMetrics:
@@ -73,8 +110,11 @@ class NodeMetrics:
     """
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
+        #: Per model name, the positive rate its package's evaluation leads to expect.
+        #: (the node fills it once its models are loaded; the collector reads it at each scrape)
+        self.expected: dict[str, ExpectedRate] = {}
         self.registry = CollectorRegistry()
-        self.registry.register(_JobLogCollector(sessions))
+        self.registry.register(_JobLogCollector(sessions, self.expected))
         self._instances = Counter(
             f"{PREFIX}_instances_received",
             "Instances received by C-STORE, by calling AE title and response status",
@@ -98,6 +138,19 @@ class NodeMetrics:
         self._associations_rejected = Counter(
             f"{PREFIX}_associations_rejected",
             "DICOM association requests rejected",
+            registry=self.registry,
+        )
+        self._connections_refused = Counter(
+            f"{PREFIX}_connections_refused",
+            "DICOM connections and association requests refused by a limit, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._audit = Counter(
+            f"{PREFIX}_audit_messages",
+            "Audit messages, by outcome: stored (job log), sent (syslog repository), dropped "
+            "(queue full), store_failed, send_failed (each failed attempt; retried)",
+            ["outcome"],
             registry=self.registry,
         )
         self._inference = Histogram(
@@ -152,6 +205,14 @@ class NodeMetrics:
 
     def association_rejected(self) -> None:
         self._associations_rejected.inc()
+
+    def connection_refused(self, reason: str) -> None:
+        """A connection or association refused by a ``[dicom.limits]`` budget or the
+        source-address check (see ``receive/guard.py``)."""
+        self._connections_refused.labels(reason).inc()
+
+    def audit_message(self, outcome: str) -> None:
+        self._audit.labels(outcome).inc()
 
     def inference_seconds(self, model: str, seconds: float) -> None:
         self._inference.labels(model).observe(seconds)

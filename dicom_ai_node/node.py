@@ -13,14 +13,20 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import text
 
 from dicom_ai_node import __version__
 from dicom_ai_node.assemble.loop import Assembler
+from dicom_ai_node.audit.messages import MINOR_FAILURE, SUCCESS, Peer, transferred_event
+from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import ConfigError, Settings
 from dicom_ai_node.dispatch.deliveries import Dispatcher, release_leases
+from dicom_ai_node.dispatch.scu import SendOutcome
 from dicom_ai_node.jobs.crashes import CrashRecords, summary
 from dicom_ai_node.jobs.db import create_db_engine, read_only, session_factory, upgrade
+from dicom_ai_node.jobs.models import utcnow
 from dicom_ai_node.jobs.nodes import (
     Heartbeat,
     close_associations,
@@ -34,14 +40,18 @@ from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.notify import Notifier
 from dicom_ai_node.receive.record import reindex
 from dicom_ai_node.receive.scp import StorageSCP
+from dicom_ai_node.retrieve import Sources
 from dicom_ai_node.runner import JobRunner
 from dicom_ai_node.spool import Spool
 from dicom_ai_node.web.server import HttpServer
 
 if TYPE_CHECKING:
+    from dicom_ai_node.infer.evaluation import ExpectedRate
     from dicom_ai_node.infer.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
+
+AUDITED_TAGS = ["StudyInstanceUID", "PatientID", "SOPClassUID"]
 
 
 class Node:
@@ -57,11 +67,15 @@ class Node:
         self.engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
         self.sessions = session_factory(self.engine)
         self.read_sessions = session_factory(read_only(self.engine))
-        self.metrics = NodeMetrics(self.read_sessions)
         self.spool = Spool(settings.storage.data_dir, settings.node_name)
+        self.metrics = NodeMetrics(self.read_sessions)
+        self.audit = AuditTrail(
+            self.sessions, settings.audit, settings.node_name, self.metrics.audit_message
+        )
         self.crashes = CrashRecords(settings.storage.data_dir)
         self.limits = AttemptLimits(settings.worker.max_attempts, settings.worker.max_interruptions)
         self.models = models if models is not None else self._load_models()
+        self.metrics.expected.update(self._expected_rates())
         extra = tuple(
             sorted({key for route in settings.routes for key in route.where} - {"CallingAETitle"})
         )
@@ -73,6 +87,7 @@ class Node:
             min_free_bytes=settings.storage.min_free_mb * 1024 * 1024,
             extra_keywords=extra,
             metrics=self.metrics,
+            audit=self.audit,
         )
         self.runner = JobRunner(
             settings,
@@ -83,6 +98,7 @@ class Node:
             self.owner,
             self.metrics,
             on_results=self._results_written,
+            audit=self.audit,
         )
         self.worker = Worker(
             self.sessions,
@@ -100,7 +116,7 @@ class Node:
             settings.dicom.ae_title,
             self.owner,
             self.spool,
-            on_outcome=lambda name, outcome: self.metrics.dispatch_attempt(name, outcome.ok),
+            on_outcome=self._dispatched,
             on_delivered=lambda seconds: self.metrics.end_to_end_seconds(seconds, "delivered"),
         )
         self.http = HttpServer(
@@ -114,6 +130,15 @@ class Node:
             destinations=settings.destinations,
             node_name=settings.node_name,
             data_dir=settings.storage.data_dir,
+            audit=self.audit,
+            ingest=self.scp.ingest,
+            stow_max_bytes=int(settings.http.stow_max_mb * 2**20),
+            sources=Sources(
+                tuple(settings.sources),
+                frozenset(route.name for route in settings.routes),
+                settings.dicom.ae_title,
+                self.scp.ingest,
+            ),
         )
         self.notifier = Notifier(
             self.sessions,
@@ -162,6 +187,34 @@ class Node:
             log.info("model %s %s loaded from %s", card.name, card.version, package)
         return models
 
+    def _expected_rates(self) -> dict[str, ExpectedRate]:
+        """Per loaded model, the positive rate its package's evaluation leads to expect."""
+        from dicom_ai_node.infer.evaluation import expected_positive_rate
+
+        rates = {}
+        for name, model in self.models.items():
+            expected = expected_positive_rate(model.package, model.card)
+            if expected is not None:
+                rates[name] = expected
+        return rates
+
+    def _check_model_identities(self) -> None:
+        """Refuse a model whose weights differ from those the job log recorded for the same
+        name and version: new weights need a new version, or results could not be traced."""
+        from dicom_ai_node.jobs.queue import recorded_weights
+
+        with self.read_sessions() as session:
+            for model in self.models.values():
+                card = model.card
+                other = recorded_weights(session, card.name, card.version) - {model.weights_sha256}
+                if other:
+                    raise ConfigError(
+                        f"models: model package {card.name} ({model.package}): version "
+                        f"{card.version} has weights sha256 {model.weights_sha256}, but earlier "
+                        f"jobs of that version ran weights {', '.join(sorted(other))}; "
+                        "give changed weights a new version in model.toml"
+                    )
+
     # --- start and stop --------------------------------------------------------------------
 
     def start(self) -> None:
@@ -175,6 +228,7 @@ class Node:
         name = self.settings.node_name
         timeout = self.settings.cluster.node_timeout_seconds
         upgrade(self.engine)
+        self._check_model_identities()
         with self.sessions.begin() as session:
             heartbeat(session, name, __version__, started=True)
         with self.sessions.begin() as session:
@@ -201,6 +255,7 @@ class Node:
                 cleaned,
                 reindexed,
             )
+        self.audit.start()
         self.scp.start()
         self.heartbeat.start()
         self.assembler.start()
@@ -221,6 +276,28 @@ class Node:
         self.notifier.wake()
         if deliveries:
             self.dispatcher.wake()
+
+    def _dispatched(self, name: str, outcome: SendOutcome) -> None:
+        """Count a C-STORE of a result and audit it (PS3.15 A.5.3.4, instances sent)."""
+        self.metrics.dispatch_attempt(name, outcome.ok)
+        destination = next(d for d in self.settings.destinations if d.name == name)
+        try:
+            ds = dcmread(outcome.path, stop_before_pixels=True, specific_tags=AUDITED_TAGS)
+        except (OSError, InvalidDicomError) as exc:
+            log.warning("audit: cannot read %s: %s", outcome.path, exc)
+            return
+        self.audit.record(
+            transferred_event(
+                Peer(self.settings.dicom.ae_title, self.settings.dicom.bind),
+                Peer(destination.ae_title, destination.host),
+                str(ds.get("StudyInstanceUID", "")),
+                str(ds.get("PatientID", "")),
+                {str(ds.get("SOPClassUID", "")): 1},
+                utcnow(),
+                received=False,
+                outcome=SUCCESS if outcome.ok else MINOR_FAILURE,
+            )
+        )
 
     def health(self) -> list[str]:
         """What is wrong with the node (nothing = healthy), for ``/healthz``."""
@@ -249,4 +326,5 @@ class Node:
         self.worker.stop()
         self.dispatcher.stop()
         self.notifier.stop()
+        self.audit.stop()
         self.engine.dispose()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -23,6 +24,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node import __version__
+from dicom_ai_node.audit.messages import created_event
+from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import Settings
 from dicom_ai_node.dispatch.deliveries import plan_deliveries
 from dicom_ai_node.jobs.models import Instance, Job, JobState, Prediction, Result, utcnow
@@ -78,6 +81,7 @@ class JobRunner:
         owner: str,
         metrics: NodeMetrics,
         on_results: Callable[[int], None] = lambda _deliveries: None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -87,6 +91,7 @@ class JobRunner:
         self.owner = owner
         self.metrics = metrics
         self.on_results = on_results
+        self.audit = audit
 
     def _instances(self, session: Session, job: Job) -> list[Instance]:
         query = select(Instance).where(Instance.study_instance_uid == job.study_instance_uid)
@@ -148,7 +153,17 @@ class JobRunner:
                     skipped=[list(item) for item in prediction.skipped[:100]],
                 )
             results = self._write_results(session, job, datasets)
-            deliveries = plan_deliveries(session, job, results)
+            # Shadow mode: results are recorded (job log and outbox) but go nowhere else.
+            deliveries = (
+                0
+                if job.shadow
+                else plan_deliveries(
+                    session,
+                    job,
+                    results,
+                    {d.name: d.objects for d in self.settings.destinations},
+                )
+            )
             state = JobState.DELIVERING if deliveries else JobState.DONE
             moved = transition(
                 session,
@@ -161,6 +176,7 @@ class JobRunner:
                 probability=prediction.probability,
                 positive=prediction.positive,
                 model_version=prediction.model_version,
+                weights_sha256=prediction.weights_sha256,
                 error=None,
             )
             if not moved:  # roll back: the worker that holds the lease records the job
@@ -180,6 +196,16 @@ class JobRunner:
         )
         last_received = max(instance.received_at for instance in instances)
         self.metrics.end_to_end_seconds((utcnow() - last_received).total_seconds(), "written")
+        if self.audit is not None:
+            self.audit.record(
+                created_event(
+                    f"{self.settings.node_name}/{prediction.model} {prediction.model_version}",
+                    job.study_instance_uid,
+                    str(datasets[0].dataset.get("PatientID", "")) if datasets else "",
+                    Counter(str(result.dataset.SOPClassUID) for result in datasets),
+                    utcnow(),
+                )
+            )
         self.on_results(deliveries)
 
     def _report(

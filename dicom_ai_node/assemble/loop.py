@@ -79,10 +79,12 @@ class Assembler(PollingLoop):
                 add_event(
                     session,
                     "series_complete",
-                    f"series complete: {series.instance_count} instances, {series.modality}",
+                    f"series complete ({series.rule}): {series.instance_count} instances, "
+                    f"{series.modality}",
                     study=series.study_instance_uid,
                     series=series.series_instance_uid,
                     generation=series.generation,
+                    rule=series.rule,
                 )
                 if reason:
                     skipped = record_skipped(

@@ -11,14 +11,16 @@ receives the same object again, never a second copy with a new UID.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DestinationSettings, DispatchSettings
 from dicom_ai_node.dispatch.scu import Peer, SendOutcome, send_files
+from dicom_ai_node.dispatch.stow import WebPeer, stow_files
 from dicom_ai_node.jobs.loop import PollingLoop
 from dicom_ai_node.jobs.models import (
     Delivery,
@@ -34,43 +36,68 @@ from dicom_ai_node.jobs.outbox import claim_due as claim_leased
 from dicom_ai_node.jobs.queue import transition
 from dicom_ai_node.jobs.store import add_event, upsert
 from dicom_ai_node.spool import Spool
-from dicom_ai_node.tls import client_context
+from dicom_ai_node.tls import client_context, peer_context
 
 log = logging.getLogger(__name__)
 
 
-def peer(destination: DestinationSettings, calling_ae_title: str) -> Peer:
+def peer(destination: DestinationSettings, calling_ae_title: str) -> Peer | WebPeer:
     """The peer of a configured destination; its TLS context (certificates read now, so a
     missing file is a configuration error at startup, not a failed delivery later)."""
-    context = None
-    if destination.tls:
-        context = client_context(
-            f"destinations.{destination.name}",
-            destination.ca_certificates,
-            destination.certificate,
-            destination.private_key,
+    if destination.type == "dicomweb":
+        https = destination.url.startswith("https://")
+        return WebPeer(
+            destination.url,
+            username=destination.username,
+            password=destination.password.get_secret_value(),
+            token=destination.token.get_secret_value(),
+            tls=client_context(
+                f"destinations.{destination.name}",
+                destination.ca_certificates,
+                destination.certificate,
+                destination.private_key,
+            )
+            if https
+            else None,
         )
     return Peer(
         destination.ae_title,
         destination.host,
         destination.port,
         calling_ae_title,
-        tls=context,
+        tls=peer_context(destination, "destinations"),
         server_name=destination.server_name,
     )
 
 
-def plan_deliveries(session: Session, job: Job, results: list[Result]) -> int:
+def send(paths: list[Path], to: Peer | WebPeer, timeout: float) -> list[SendOutcome]:
+    """Send files by C-STORE or STOW-RS, as the peer is; one outcome per file."""
+    if isinstance(to, WebPeer):
+        return stow_files(paths, to, timeout=timeout)
+    return send_files(paths, to, timeout=timeout)
+
+
+def plan_deliveries(
+    session: Session,
+    job: Job,
+    results: list[Result],
+    objects: Mapping[str, Collection[str]] | None = None,
+) -> int:
     """Create the delivery rows of a job's results; returns how many.
 
     One row per result and destination, whoever plans it: a row that exists already (the
-    same result planned by a racing worker) is not added again.
+    same result planned by a racing worker) is not added again. ``objects`` maps a
+    destination to the result kinds ("sr", "sc", "kos") it gets (its output profile); a
+    destination it does not name gets them all.
     """
     count = 0
     for destination in job.destinations:
         if destination == "outbox":
             continue
+        wanted = None if objects is None else objects.get(destination)
         for result in results:
+            if wanted is not None and result.kind not in wanted:
+                continue
             inserted = session.execute(
                 upsert(session, Delivery)
                 .values(
@@ -270,7 +297,7 @@ class Dispatcher:
         if not due:
             return 0
         by_path = {self.spool.locate(result.path): delivery.id for delivery, result in due}
-        outcomes = send_files(list(by_path), self.peers[name], timeout=self.settings.timeout)
+        outcomes = send(list(by_path), self.peers[name], self.settings.timeout)
         for outcome in outcomes:
             with self.sessions.begin() as session:
                 done_job = record_outcome(session, by_path[outcome.path], outcome, self.settings)

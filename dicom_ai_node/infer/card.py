@@ -1,6 +1,8 @@
 """The model card: what a model package says about itself (``model.toml``).
 
-A model package is a folder with ``model.keras`` (the weights) and ``model.toml`` (this card).
+A model package is a folder with the weights (``model.keras``, a TensorFlow SavedModel in
+``saved_model/`` or ``model.onnx``: see :mod:`dicom_ai_node.infer.backends`) and
+``model.toml`` (this card).
 The card carries everything the node needs besides the weights: the labels and their coded
 concepts (DICOM PS3.3 Section 8.8, Code Sequence Macro, as the SR in PS3.16 TID 1501 needs
 them), the input the network expects, the preprocessing from DICOM pixels to that input, how
@@ -45,6 +47,9 @@ class InputSpec(_Strict):
     height: int = Field(gt=0)
     width: int = Field(gt=0)
     channels: Literal[1, 3] = 1
+    layout: Literal["NHWC", "NCHW"] = Field(
+        default="NHWC", description="Tensor layout of an ONNX network's input (PyTorch: NCHW)"
+    )
 
 
 class Window(_Strict):
@@ -96,6 +101,21 @@ class ModelCard(_Strict):
     explain_layer: str | None = Field(
         default=None,
         description="Layer whose activations Grad-CAM uses; None means the last 4-D conv layer",
+    )
+    explanation: Literal["auto", "gradcam", "input_gradient", "occlusion", "none"] = Field(
+        default="auto",
+        description="Heat map method; auto: Grad-CAM (Keras), input gradient (SavedModel), "
+        "occlusion (ONNX); none: no map, and the results say so",
+    )
+    batch_size: int | None = Field(
+        default=None, gt=0, description="Images per batch; None: the node's setting"
+    )
+    threads: int = Field(
+        default=0, ge=0, description="ONNX Runtime intra-op threads; 0: one per core"
+    )
+    evaluation_prevalence: tuple[float, float, float] | None = Field(
+        default=None,
+        description="Positive rate expected in use (estimate, low, high), for drift warnings",
     )
 
     @model_validator(mode="after")

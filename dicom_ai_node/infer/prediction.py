@@ -13,7 +13,7 @@ class ImagePrediction:
     """The model's output for one image (one frame of a multi-frame image).
 
     ``heatmap`` is a float32 array in [0, 1] at the model's input resolution, for the
-    predicted positive class (Grad-CAM), or ``None`` when none was computed.
+    positive class (by the model's explanation method), or ``None`` when none was computed.
     """
 
     sop_instance_uid: str
@@ -31,7 +31,9 @@ class SeriesPrediction:
     (``positive_label``); ``positive`` is whether it reached the card's threshold; ``label``
     is the name of the resulting label. ``skipped`` lists the instances (SOP Instance UID, or
     the file name when the file could not even be parsed, with the reason) that could not be
-    used; ``images`` holds only the ones that were.
+    used; ``images`` holds only the ones that were. ``weights_sha256`` identifies the weights
+    (with ``model`` and ``model_version``, the model's identity); ``explanation`` names the
+    heat map method, ``"none"`` when the model makes no map.
     """
 
     model: str
@@ -43,6 +45,8 @@ class SeriesPrediction:
     probabilities: dict[str, float]
     images: tuple[ImagePrediction, ...]
     skipped: tuple[tuple[str, str], ...] = ()
+    weights_sha256: str = ""
+    explanation: str = "Grad-CAM"
 
     @property
     def key_image(self) -> ImagePrediction:

@@ -15,23 +15,27 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 from pydicom import dcmread
 
+from dicom_ai_node.infer.backends import (
+    EXPLANATION_NAMES,
+    BackendError,
+    load_backend,
+    weights_path,
+    weights_sha256,
+)
 from dicom_ai_node.infer.card import Aggregation, ModelCard
 from dicom_ai_node.infer.prediction import ImagePrediction, SeriesPrediction
 from dicom_ai_node.infer.preprocess import number_of_frames, to_model_input
-
-if TYPE_CHECKING:
-    import keras
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,8 @@ _tf_configured = False
 
 
 class ModelPackageError(Exception):
-    """A model package cannot be used: card missing or invalid, or card and weights disagree."""
+    """A model package cannot be used: card missing or invalid, weights missing or broken, or
+    card and weights disagree. The message names the package."""
 
 
 class NoUsableImagesError(ValueError):
@@ -141,7 +146,7 @@ class _Pending:
 
 
 class LoadedModel:
-    """A model package in memory: card, Keras model and the compiled batch functions."""
+    """A model package in memory: card, backend (Keras, SavedModel or ONNX), weights hash."""
 
     def __init__(
         self,
@@ -151,110 +156,34 @@ class LoadedModel:
         batch_size: int = 16,
         heatmaps: HeatmapPolicy = "positive",
     ) -> None:
-        configure_tensorflow()
-        import keras
-        import tensorflow as tf
-
         self.package = package
         self.card = card or read_card(package)
-        self.batch_size = batch_size
+        self.batch_size = self.card.batch_size or batch_size
         self.heatmaps: HeatmapPolicy = heatmaps
-        weights = package / "model.keras"
-        if not weights.is_file():
-            raise ModelPackageError(f"model package {self.card.name} ({package}): no model.keras")
-        try:
-            self.model: keras.Model = keras.models.load_model(weights, compile=False)
-        except Exception as exc:  # Keras raises many types for a corrupt file
-            raise ModelPackageError(
-                f"model package {self.card.name} ({package}): cannot load model.keras: {exc}"
-            ) from exc
-        self._check_card_matches_weights()
         self._positive_index = next(i for i, label in enumerate(self.card.labels) if label.positive)
-        shape = (
-            batch_size,
-            self.card.input.height,
-            self.card.input.width,
-            self.card.input.channels,
-        )
-        spec = tf.TensorSpec(shape, tf.float32)
-        self._forward = tf.function(self._forward_fn, input_signature=[spec])
-        self._explain = tf.function(self._explain_fn(), input_signature=[spec])
-        self._empty = np.zeros(shape, dtype=np.float32)
-        self._forward(self._empty)  # warm up: trace both graphs once, now
-        self._explain(self._empty)
-
-    # -- checks --------------------------------------------------------------------------------
-
-    def _check_card_matches_weights(self) -> None:
-        card, model = self.card, self.model
-        expected_in = (card.input.height, card.input.width, card.input.channels)
-        actual_in = tuple(model.input_shape[1:])
-        problems = []
-        if actual_in != expected_in:
-            problems.append(f"card input is {expected_in} but the weights take {actual_in}")
-        outputs = model.output_shape[-1]
-        if outputs != len(card.labels):
-            problems.append(
-                f"card has {len(card.labels)} labels but the weights have {outputs} outputs"
-            )
+        where = f"model package {self.card.name} ({package})"
         try:
-            self._explain_layer_name()
-        except ValueError as exc:
-            problems.append(str(exc))
-        if problems:
-            raise ModelPackageError(
-                f"model package {card.name} ({self.package}) does not match its weights: "
-                + "; ".join(problems)
+            path = weights_path(package)
+            if path.name != "model.onnx":
+                configure_tensorflow()
+            self.backend, self.weights = load_backend(
+                package, self.card, self.batch_size, self._positive_index, self.card.threads
             )
+        except BackendError as exc:
+            raise ModelPackageError(f"{where}: {exc}") from exc
+        self.weights_sha256 = weights_sha256(self.weights)
+        self._empty = np.zeros(self.backend.shape, dtype=np.float32)
+        try:  # warm up: trace the graphs once, now
+            self.backend.forward(self._empty)
+            if self.backend.explain_in_pass and self.backend.explanation != "none":
+                self.backend.explain(self._empty, self.batch_size)
+        except Exception as exc:  # a network that loads but does not run on its own input
+            raise ModelPackageError(f"{where}: the weights do not run: {exc}") from exc
 
-    def _explain_layer_name(self) -> str:
-        names = [layer.name for layer in self.model.layers]
-        if self.card.explain_layer is not None:
-            if self.card.explain_layer not in names:
-                raise ValueError(f"explain_layer {self.card.explain_layer!r} is not a layer")
-            return self.card.explain_layer
-        for layer in reversed(self.model.layers):
-            if len(layer.output.shape) == 4 and type(layer).__name__.startswith("Conv"):
-                return str(layer.name)
-        raise ValueError("the weights have no 2-D convolution layer for Grad-CAM")
-
-    # -- compiled functions --------------------------------------------------------------------
-
-    def _forward_fn(self, images: Any) -> Any:
-        return self.model(images, training=False)
-
-    def _explain_fn(self) -> Callable[[Any], Any]:
-        """Grad-CAM (Selvaraju et al. 2017) of the positive label, batched.
-
-        The class score is the pre-softmax logit when the last layer is a softmax/sigmoid
-        activation (gradients of a saturated probability vanish). Images in a batch are
-        independent, so the gradient of the batch's summed score gives each image its own map.
-        """
-        import keras
-        import tensorflow as tf
-
-        model = self.model
-        last = model.layers[-1]
-        score_tensor = last.input if isinstance(last, keras.layers.Activation) else model.output
-        grad_model = keras.Model(
-            model.inputs,
-            [model.get_layer(self._explain_layer_name()).output, score_tensor, model.output],
-        )
-        height, width = self.card.input.height, self.card.input.width
-        index = self._positive_index
-
-        def explain(images: Any) -> Any:
-            with tf.GradientTape() as tape:
-                features, scores, probabilities = grad_model(images, training=False)
-                score = tf.reduce_sum(scores[:, index])
-            grads = tape.gradient(score, features)
-            weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-            cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
-            cam = tf.image.resize(cam, (height, width), method="bilinear")[..., 0]
-            peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-            return probabilities, tf.math.divide_no_nan(cam, peak)
-
-        return explain
+    @property
+    def explanation(self) -> str:
+        """How heat maps are made (a name from ``EXPLANATION_NAMES``), or ``"none"``."""
+        return EXPLANATION_NAMES[self.backend.explanation]
 
     # -- running -------------------------------------------------------------------------------
 
@@ -270,10 +199,10 @@ class LoadedModel:
         if count < self.batch_size:
             batch = self._empty.copy()
             batch[:count] = images
-        if explain:
-            probabilities, cams = self._explain(batch)
-            return np.asarray(probabilities)[:count], np.asarray(cams, dtype=np.float32)[:count]
-        return np.asarray(self._forward(batch))[:count], None
+        if explain and self.backend.explanation != "none":
+            probabilities, cams = self.backend.explain(batch, count)
+            return probabilities[:count], cams[:count]
+        return self.backend.forward(batch)[:count], None
 
     def predict_series(
         self, paths: Sequence[Path], *, timeout: float | None = None
@@ -293,7 +222,7 @@ class LoadedModel:
         best: tuple[float, int, npt.NDArray[np.float32]] | None = None  # key image candidate
         # Grad-CAM in the same pass costs ~8 % over the forward pass alone (measured with
         # benchmarks/inference.py), far less than a second pass over batches with findings.
-        explain = self.heatmaps != "key"
+        explain = self.heatmaps != "key" and self.backend.explain_in_pass
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer") as executor:
             pending: _Pending | None = None
             for sources, inputs in self._batches(paths, skipped, deadline, timeout):
@@ -309,7 +238,7 @@ class LoadedModel:
             reasons = "; ".join(f"{uid}: {reason}" for uid, reason in skipped[:5])
             raise NoUsableImagesError(f"no usable image among {len(paths)} files ({reasons})")
         _, key_index, key_input = best
-        if images[key_index].heatmap is None:
+        if images[key_index].heatmap is None and self.backend.explanation != "none":
             _, cams = self.predict_batch(key_input[np.newaxis], explain=True)
             assert cams is not None
             images[key_index] = replace(images[key_index], heatmap=cams[0])
@@ -386,7 +315,7 @@ class LoadedModel:
                     sop_instance_uid=uid,
                     frame_number=frame,
                     probabilities=probs,
-                    label=self._label(probs),
+                    label=self.label_for(probs),
                     heatmap=cams[i].copy() if keep and cams is not None else None,
                 )
             )
@@ -394,7 +323,7 @@ class LoadedModel:
                 best = (float(positive[i]), len(images) - 1, pending.inputs[i].copy())
         return best
 
-    def _label(self, probabilities: dict[str, float]) -> str:
+    def label_for(self, probabilities: dict[str, float]) -> str:
         """The positive label at or above the card's threshold, else the likeliest other one."""
         positive = self.card.positive_label.name
         if probabilities[positive] >= self.card.threshold:
@@ -423,8 +352,10 @@ class LoadedModel:
         return SeriesPrediction(
             model=card.name,
             model_version=card.version,
+            weights_sha256=self.weights_sha256,
+            explanation=self.explanation,
             positive_label=positive_name,
-            label=self._label(series),
+            label=self.label_for(series),
             probability=series[positive_name],
             positive=is_positive,
             probabilities=series,

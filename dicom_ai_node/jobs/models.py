@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -167,6 +168,10 @@ class Job(Base):
     route: Mapped[str | None] = mapped_column(String(64), default=None)
     model: Mapped[str | None] = mapped_column(String(64), default=None)
     model_version: Mapped[str | None] = mapped_column(String(32), default=None)
+    #: SHA-256 of the weights that ran the job: with model and version, the model's identity.
+    weights_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: Shadow mode (the route's ``shadow``): results recorded, never delivered nor notified.
+    shadow: Mapped[bool] = mapped_column(default=False, server_default=false())
     outputs: Mapped[list[str]] = mapped_column(default=list)
     destinations: Mapped[list[str]] = mapped_column(default=list)
     priority: Mapped[int] = mapped_column(Integer, default=0)
@@ -192,6 +197,19 @@ class Job(Base):
         Index("ix_jobs_claim", "state", "priority", "created_at"),
         UniqueConstraint("unique_key", name="uq_jobs_unique_key"),
     )
+
+
+class Feedback(Base):
+    """A radiologist's opinion of a job's finding: agree or not, a comment, who and when."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    agree: Mapped[bool]
+    comment: Mapped[str] = mapped_column(Text, default="")
+    author: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Prediction(Base):
@@ -318,3 +336,72 @@ class Notification(Base):
         UniqueConstraint("url", "key", name="uq_notifications_url_key"),
         Index("ix_notifications_due", "state", "next_attempt_at"),
     )
+
+
+class AuditRecord(Base):
+    """One DICOM audit message (PS3.15 A.5), append-only: never updated or deleted.
+
+    ``message`` is the XML as sent to the audit repository; ``event_id`` its EventID code
+    (``110104``...) and ``outcome`` its EventOutcomeIndicator, for querying.
+    """
+
+    __tablename__ = "audit_records"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    event_id: Mapped[str] = mapped_column(String(16), index=True)
+    outcome: Mapped[int] = mapped_column(Integer)
+    message: Mapped[str] = mapped_column(Text)
+
+
+class PerformedStep(Base):
+    """A Modality Performed Procedure Step the node was told of (PS3.4 Annex F): N-CREATE
+    makes it ``IN PROGRESS``, N-SET ends it ``COMPLETED`` or ``DISCONTINUED``."""
+
+    __tablename__ = "performed_steps"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PerformedSeries(Base):
+    """A series a performed step lists (its Performed Series Sequence) with the instances
+    the step says it holds; ``completed_generation`` is the generation this listing completed
+    (it completes a series once: later instances fall back to the stable time)."""
+
+    __tablename__ = "performed_series"
+
+    step_uid: Mapped[str] = mapped_column(
+        ForeignKey("performed_steps.sop_instance_uid"), primary_key=True
+    )
+    series_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    sop_instance_uids: Mapped[list[str]] = mapped_column(default=list)
+    completed_generation: Mapped[int | None] = mapped_column(Integer, default=None)
+
+
+class Pseudonym(Base):
+    """What a de-identified export replaced an original with (PS3.15 Annex E): ``uid``
+    pseudonyms are new UIDs, ``patient`` ones stand for a Patient ID. Kept here, never in
+    the export, so that exports agree and an authorised user can re-identify."""
+
+    __tablename__ = "pseudonyms"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    original: Mapped[str] = mapped_column(String(64), primary_key=True)
+    pseudonym: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RequestedRoute(Base):
+    """A study pulled for one route (``dicom-ai-node run --route``): its series are routed
+    by the requested routes only, not by every configured one."""
+
+    __tablename__ = "requested_routes"
+
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    route: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)

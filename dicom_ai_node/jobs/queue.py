@@ -26,7 +26,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dicom_ai_node.jobs.crashes import CrashLookup, summary
-from dicom_ai_node.jobs.models import Delivery, DeliveryState, Job, JobState, utcnow
+from dicom_ai_node.jobs.models import Delivery, DeliveryState, Feedback, Job, JobState, utcnow
 from dicom_ai_node.jobs.store import add_event, upsert
 
 
@@ -58,6 +58,52 @@ class JobSpec:
     outputs: tuple[str, ...]
     destinations: tuple[str, ...]
     priority: int
+    shadow: bool = False
+
+
+def recorded_weights(session: Session, model: str, version: str) -> set[str]:
+    """The weights hashes the job log has recorded for ``model`` at ``version``."""
+    rows = session.scalars(
+        select(Job.weights_sha256)
+        .where(Job.model == model, Job.model_version == version, Job.weights_sha256.is_not(None))
+        .distinct()
+    )
+    return {str(sha) for sha in rows}
+
+
+def add_feedback(session: Session, job_id: int, agree: bool, comment: str, author: str) -> Feedback:
+    """Record a radiologist's agreement with a finished job's finding. Raises ``LookupError``
+    for an unknown job and ``ValueError`` for one without a finding yet."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise LookupError(f"no job {job_id}")
+    if job.label is None:
+        raise ValueError(f"job {job_id} has no finding to agree with (state {job.state})")
+    feedback = Feedback(job_id=job_id, agree=agree, comment=comment, author=author)
+    session.add(feedback)
+    session.flush()
+    add_event(
+        session,
+        "feedback",
+        f"job {job_id}: {author} {'agrees' if agree else 'disagrees'} with {job.label}",
+        job_id=job_id,
+        study=job.study_instance_uid,
+        series=job.series_instance_uid,
+    )
+    return feedback
+
+
+def latest_feedback(session: Session) -> list[tuple[str, str, bool, bool]]:
+    """(model, version, the job's finding was positive, the latest feedback agrees) per job
+    with feedback."""
+    latest = select(func.max(Feedback.id).label("id")).group_by(Feedback.job_id).subquery()
+    rows = session.execute(
+        select(Job.model, Job.model_version, Job.positive, Feedback.agree)
+        .join(Feedback, Feedback.job_id == Job.id)
+        .join(latest, latest.c.id == Feedback.id)
+        .where(Job.positive.is_not(None))
+    ).all()
+    return [(str(m), str(v or ""), bool(p), bool(a)) for m, v, p, a in rows]
 
 
 def worker_id(node_name: str | None = None) -> str:
@@ -100,6 +146,7 @@ def enqueue(session: Session, specs: Iterable[JobSpec]) -> list[Job]:
             outputs=list(spec.outputs),
             destinations=list(spec.destinations),
             priority=spec.priority,
+            shadow=spec.shadow,
             state=JobState.QUEUED.value,
             created_at=now,
             updated_at=now,
@@ -117,7 +164,7 @@ def enqueue(session: Session, specs: Iterable[JobSpec]) -> list[Job]:
             session,
             "job_queued",
             f"job {job.id} queued: route {spec.route}, model {spec.model}, "
-            f"priority {spec.priority}",
+            f"priority {spec.priority}{', shadow mode' if spec.shadow else ''}",
             job_id=job.id,
             study=spec.study_instance_uid,
             series=spec.series_instance_uid,

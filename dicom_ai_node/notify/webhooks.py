@@ -141,6 +141,8 @@ class Notifier(PollingLoop):
         queued = 0
         for event, job, accession in rows:
             trigger: Trigger
+            if job.shadow:  # shadow mode notifies nobody
+                continue
             if event.kind in POSITIVE_KINDS:
                 if not job.positive:
                     continue

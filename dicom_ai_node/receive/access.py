@@ -30,15 +30,31 @@ class AddressPolicy:
     def __bool__(self) -> bool:
         return bool(self._allowed)
 
+    def may_connect(self, address: str) -> bool:
+        """Whether any AE title may associate from ``address``: checked when the TCP
+        connection is accepted, before anything is read from it."""
+        if ANY_AE not in self._allowed:
+            return True
+        ip = _ip(address)
+        return ip is not None and any(
+            ip in network for networks in self._allowed.values() for network in networks
+        )
+
     def allows(self, calling_ae_title: str, address: str) -> bool:
         """Whether ``calling_ae_title`` may associate from ``address``."""
         networks = self._allowed.get(calling_ae_title.strip(), self._allowed.get(ANY_AE))
         if networks is None:
             return True
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in networks)
+        ip = _ip(address)
+        return ip is not None and any(ip in network for network in networks)
+
+
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address as an IP address (an IPv4-mapped IPv6 one as IPv4); ``None`` if invalid."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip

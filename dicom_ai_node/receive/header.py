@@ -34,6 +34,7 @@ ROUTING_KEYWORDS = (
     "Columns",
     "NumberOfFrames",
     "SliceThickness",
+    "ImagesInAcquisition",
 )
 
 

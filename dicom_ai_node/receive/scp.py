@@ -1,11 +1,10 @@
-"""The Storage SCP (PS3.4 Annex B) and Verification SCP (PS3.4 Annex A).
+"""The Storage SCP (PS3.4 Annex B), Verification SCP (PS3.4 Annex A) and Modality Performed
+Procedure Step SCP (PS3.4 Annex F, see :mod:`.mpps`).
 
-The C-STORE handler runs on the association's own thread and only does I/O: it writes the
-data set as received to the spool (fsynced) and commits its row, then answers success
-(0x0000). When it cannot, it answers a failure status from PS3.4 B.2.3 with an Error Comment
-saying why: 0xA700 (out of resources) when the disk or the job log fails or free space is
-below the floor, 0xA900 when the data set does not match the SOP Class of the request, and
-0xC000 (cannot understand) when the data set cannot be parsed or lacks valid UIDs.
+The C-STORE handler runs on the association's own thread and only does I/O: it hands the
+data set as received to :class:`~dicom_ai_node.receive.ingest.Ingest` (spool, fsync, job log)
+and answers success (0x0000), or the failure status from PS3.4 B.2.3 that the ingest gave,
+with an Error Comment saying why.
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -29,25 +29,31 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.association import Association as PynetdicomAssociation
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_STORE, N_CREATE, N_SET
+from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_ai_node.audit.messages import (
+    Peer,
+    alert_event,
+    association_event,
+    transferred_event,
+)
+from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DicomSettings
+from dicom_ai_node.jobs.models import utcnow
 from dicom_ai_node.jobs.store import add_event
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.receive.access import AddressPolicy
-from dicom_ai_node.receive.header import UnreadableInstanceError, read_header
-from dicom_ai_node.receive.record import close_association, open_association, record_instance
-from dicom_ai_node.spool import InvalidUIDError, Spool
-from dicom_ai_node.tls import TlsAE, server_context
+from dicom_ai_node.receive.guard import ConnectionGuard, GuardedAE
+from dicom_ai_node.receive.ingest import STATUS_SUCCESS, Ingest
+from dicom_ai_node.receive.mpps import PerformedSteps, StepRefusedError
+from dicom_ai_node.receive.record import close_association, open_association
+from dicom_ai_node.spool import Spool
+from dicom_ai_node.tls import server_context
 
 log = logging.getLogger(__name__)
-
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_SOP_CLASS_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
 
 DUL_POLL_SECONDS = 0.0001
 _UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian})
@@ -75,8 +81,15 @@ class _AssociationInfo:
     calling_ae_title: str
     peer: str
     started: float
+    called: Peer
     stored: int = 0
     failed: int = 0
+    # study -> (patient ID, SOP Class UID -> instances stored), for the audit trail
+    studies: dict[str, tuple[str, Counter[str]]] = field(default_factory=dict)
+
+    @property
+    def requestor(self) -> Peer:
+        return Peer(self.calling_ae_title, self.peer.rsplit(":", 1)[0])
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -90,8 +103,8 @@ def _status(code: int, comment: str) -> Dataset:
 class StorageSCP:
     """The node's listener: accepts associations and stores what they send.
 
-    ``min_free_bytes`` makes the handler refuse instances (0xA700) while the spool's disk
-    has less free space than that; ``metrics`` counts instances and associations.
+    ``min_free_bytes`` and ``extra_keywords`` are the :class:`Ingest`'s (``ingest``, which
+    the node's STOW-RS service shares); ``metrics`` counts instances and associations.
     """
 
     def __init__(
@@ -104,30 +117,43 @@ class StorageSCP:
         min_free_bytes: int = 0,
         extra_keywords: tuple[str, ...] = (),
         metrics: NodeMetrics | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.settings = settings
+        self.audit = audit
         self.spool = spool
         self.sessions = sessions
         engine = sessions.kw["bind"]
         assert isinstance(engine, Engine)
         self.engine = engine
         self.node_name = node_name
-        self.min_free_bytes = min_free_bytes
-        self.extra_keywords = extra_keywords
         self.metrics = metrics
+        self.ingest = Ingest(
+            spool,
+            engine,
+            max_instance_bytes=int(settings.max_instance_mb * 2**20),
+            min_free_bytes=min_free_bytes,
+            extra_keywords=extra_keywords,
+            on_floor=metrics.spool_below_floor if metrics is not None else None,
+        )
+        self.steps = PerformedSteps(sessions)
         self._associations: dict[int, _AssociationInfo] = {}
-        self._space_ok = True
-        self._space_checked_at = -1e9
         self._lock = threading.Lock()
         self._server: Any = None
         self._addresses = AddressPolicy(settings.allowed_addresses)
+        self.guard = ConnectionGuard(
+            settings.limits,
+            self._addresses,
+            metrics.connection_refused if metrics is not None else None,
+            self._record_connection_refused,
+        )
         self._ssl_context = server_context(settings.tls) if settings.tls.enabled else None
         self.ae = self._make_ae()
         self._sop_classes = {str(cx.abstract_syntax) for cx in self.ae.supported_contexts}
 
     def _make_ae(self) -> AE:
         s = self.settings
-        ae = TlsAE(ae_title=s.ae_title)
+        ae = GuardedAE(self.guard, s.ae_title)
         ae.maximum_associations = s.maximum_associations
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout
@@ -139,6 +165,7 @@ class StorageSCP:
         for context in AllStoragePresentationContexts + VerificationPresentationContexts:
             assert context.abstract_syntax is not None
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(ModalityPerformedProcedureStep)
         return ae
 
     @property
@@ -158,6 +185,8 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_CREATE, self._on_n_create),
+            (evt.EVT_N_SET, self._on_n_set),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_ended, ["released"]),
             (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
@@ -222,6 +251,7 @@ class StorageSCP:
         )
         if self.metrics is not None:
             self.metrics.association_rejected()
+        self._alert(address, calling, f"calling AE title {calling.strip()} not allowed from there")
         assoc.acse.send_reject(0x01, 0x01, 0x03)
         assoc.kill()  # as pynetdicom does after its own rejections (acse.py)
         return True
@@ -237,6 +267,11 @@ class StorageSCP:
         about 7% of a core per idle association.
         """
         if self._refused_address(event.assoc):
+            return
+        if self.guard.admit(event.assoc) is not None:
+            # PS3.8 9.3.4: rejected-transient, UL service-provider (presentation), local limit
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)
+            event.assoc.kill()
             return
         event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
         primitive = event.assoc.requestor.primitive
@@ -261,9 +296,12 @@ class StorageSCP:
             calling_ae_title=requestor.ae_title,
             peer=f"{requestor.address}:{requestor.port}",
             started=time.monotonic(),
+            called=Peer(assoc.acceptor.ae_title, assoc.acceptor.address),
         )
         with self._lock:
             self._associations[id(assoc)] = info
+        if self.audit is not None:
+            self.audit.record(association_event(info.requestor, info.called, True, utcnow()))
         if self.metrics is not None:
             self.metrics.association_opened()
         try:
@@ -280,10 +318,12 @@ class StorageSCP:
             log.exception("association %s: cannot record it in the job log", info.id)
 
     def _on_ended(self, event: evt.Event, outcome: str) -> None:
+        self.guard.ended(event.assoc)
         with self._lock:
             info = self._associations.pop(id(event.assoc), None)
         if info is None:
             return  # already recorded (a release is followed by a connection close)
+        self._audit_end(info)
         if self.metrics is not None:
             self.metrics.association_closed()
         try:
@@ -303,7 +343,29 @@ class StorageSCP:
             extra={"association_id": info.id},
         )
 
+    def _audit_end(self, info: _AssociationInfo) -> None:
+        """Audit what the association stored (one message per study) and its end."""
+        if self.audit is None:
+            return
+        now = utcnow()
+        for study, (patient_id, sop_classes) in info.studies.items():
+            self.audit.record(
+                transferred_event(
+                    info.requestor, info.called, study, patient_id, sop_classes, now, received=True
+                )
+            )
+        self.audit.record(association_event(info.requestor, info.called, False, now))
+
+    def _alert(self, address: str, subject: str, detail: str) -> None:
+        if self.audit is not None:
+            self.audit.record(
+                alert_event(
+                    self.settings.ae_title, subject, address, detail, utcnow(), network=True
+                )
+            )
+
     def _on_rejected(self, event: evt.Event) -> None:
+        self.guard.ended(event.assoc)
         if self.metrics is not None:
             self.metrics.association_rejected()
         requestor = event.assoc.requestor
@@ -313,6 +375,7 @@ class StorageSCP:
             requestor.address,
             requestor.port,
         )
+        self._alert(requestor.address, requestor.ae_title, "association rejected")
 
     # --- DIMSE services --------------------------------------------------------------------
 
@@ -321,137 +384,70 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         info = self._info(event.assoc)
-        status, size = self._store(event, info)
-        code = status if isinstance(status, int) else int(status.Status)
+        request = cast(C_STORE, event.request)
+        stored = self.ingest.store(
+            event.encoded_dataset(),
+            association_id=info.id if info else None,
+            calling_ae_title=info.calling_ae_title if info else "",
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID).rstrip("\0 "),
+            sop_class_uid=str(request.AffectedSOPClassUID).rstrip("\0 "),
+        )
         if info is not None:
-            if code == STATUS_SUCCESS:
+            if stored.ok:
                 info.stored += 1
             else:
                 info.failed += 1
+            if stored.ok and stored.header is not None:
+                header = stored.header
+                _, counts = info.studies.setdefault(
+                    header.study_instance_uid, (header.patient_id, Counter())
+                )
+                counts[header.sop_class_uid] += 1
         if self.metrics is not None:
-            self.metrics.instance_received(info.calling_ae_title if info else "", code, size)
-        if isinstance(status, Dataset):
-            self._record_refusal(info, code, str(status.ErrorComment))
-        return status
+            self.metrics.instance_received(
+                info.calling_ae_title if info else "", stored.status, stored.size
+            )
+        return STATUS_SUCCESS if stored.ok else _status(stored.status, stored.reason)
 
-    def _record_refusal(self, info: _AssociationInfo | None, code: int, comment: str) -> None:
-        """Add an ``instance_refused`` event, so the job log says why an instance was
-        refused as well as the sender's log does (best effort: the job log may be the
-        reason)."""
+    def _record_connection_refused(self, address: str, reason: str, message: str) -> None:
+        """Add a ``connection_refused`` event (the "refused sources" of the dashboard)."""
         try:
             with self.engine.begin() as connection:
-                add_event(
-                    connection,
-                    "instance_refused",
-                    f"0x{code:04X}: {comment}",
-                    association_id=info.id if info else None,
-                    status=code,
-                )
+                add_event(connection, "connection_refused", message, address=address, reason=reason)
         except Exception:
-            log.exception("cannot record a refused instance in the job log")
+            log.exception("cannot record a refused connection in the job log")
+        self._alert(address, address, f"{reason}: {message}")
+
+    def _on_n_create(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
+        """MPPS N-CREATE (PS3.4 F.7.2.1): record a step in progress."""
+        request = cast(N_CREATE, event.request)
+        asked = str(request.AffectedSOPInstanceUID or "").rstrip("\0 ") or None
+        calling = event.assoc.requestor.ae_title
+        try:
+            uid, attributes = self.steps.create(asked, calling, event.attribute_list)
+        except StepRefusedError as exc:
+            return self._refused_step("N-CREATE", asked, exc), None
+        if asked is None:
+            attributes.AffectedSOPInstanceUID = uid  # PS3.7 10.1.5.1.4
+        return STATUS_SUCCESS, attributes
+
+    def _on_n_set(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
+        """MPPS N-SET (PS3.4 F.7.2.2): update, complete or discontinue a step."""
+        request = cast(N_SET, event.request)
+        uid = str(request.RequestedSOPInstanceUID or "").rstrip("\0 ")
+        calling = event.assoc.requestor.ae_title
+        try:
+            attributes = self.steps.update(uid, calling, event.modification_list)
+        except StepRefusedError as exc:
+            return self._refused_step("N-SET", uid, exc), None
+        return STATUS_SUCCESS, attributes
+
+    @staticmethod
+    def _refused_step(operation: str, uid: str | None, exc: StepRefusedError) -> Dataset:
+        log.warning("MPPS %s of %s refused (0x%04X): %s", operation, uid, exc.status, exc.reason)
+        return exc.as_status()
 
     def space_left(self) -> bool:
-        """Whether the spool has more free space than the floor.
-
-        Checked at most once a second (a statvfs per instance costs more than the rest of
-        the handler's checks). Crossing the floor either way is logged once and shown in
-        the metrics; instances are refused (0xA700) while below it, and accepted again by
-        themselves once space returns.
-        """
-        if not self.min_free_bytes:
-            return True
-        now = time.monotonic()
-        if now - self._space_checked_at > 1.0:
-            self._space_checked_at = now
-            free = self.spool.free_bytes()
-            ok = free >= self.min_free_bytes
-            if ok != self._space_ok:
-                if ok:
-                    log.warning("spool free space back above its floor: accepting instances")
-                else:
-                    log.error(
-                        "spool free space %d MB is below its floor of %d MB: refusing new "
-                        "instances with 0xA700 until space returns",
-                        free // 2**20,
-                        self.min_free_bytes // 2**20,
-                    )
-                if self.metrics is not None:
-                    self.metrics.spool_below_floor(not ok)
-            self._space_ok = ok
-        return self._space_ok
-
-    def _store(self, event: evt.Event, info: _AssociationInfo | None) -> tuple[int | Dataset, int]:
-        """Store one instance: (the status to answer, the bytes stored)."""
-        association_id = info.id if info else None
-        calling = info.calling_ae_title if info else ""
-        request = cast(C_STORE, event.request)
-
-        def refuse(code: int, reason: str) -> tuple[Dataset, int]:
-            log.warning(
-                "association %s: refused an instance (0x%04X): %s",
-                association_id,
-                code,
-                reason,
-                extra={"association_id": association_id},
-            )
-            return _status(code, reason), 0
-
-        try:
-            encoded = event.encoded_dataset()
-            if len(encoded) > self.settings.max_instance_mb * 2**20:
-                # pynetdicom hands over a data set only once all of it has arrived, so this
-                # bounds what is written and kept, not what was buffered (PS3.4 B.2.3: 0xA700).
-                return refuse(
-                    STATUS_OUT_OF_RESOURCES,
-                    f"instance too large: {len(encoded) / 2**20:.1f} MB, "
-                    f"limit {self.settings.max_instance_mb:g} MB",
-                )
-            header = read_header(
-                encoded,
-                self.extra_keywords,
-                transfer_syntax_uid=str(event.context.transfer_syntax),
-            )
-        except UnreadableInstanceError as exc:
-            return refuse(STATUS_CANNOT_UNDERSTAND, str(exc))
-        if header.sop_instance_uid != str(request.AffectedSOPInstanceUID).rstrip("\0 "):
-            return refuse(
-                STATUS_CANNOT_UNDERSTAND,
-                "SOP Instance UID differs from the request's Affected SOP Instance UID",
-            )
-        if header.sop_class_uid != str(request.AffectedSOPClassUID).rstrip("\0 "):
-            return refuse(
-                STATUS_SOP_CLASS_MISMATCH,
-                "SOP Class UID differs from the request's Affected SOP Class UID",
-            )
-        if not self.space_left():
-            return _status(STATUS_OUT_OF_RESOURCES, "node storage is full"), 0  # logged once
-        try:
-            path = self.spool.instance_path(
-                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
-            )
-        except InvalidUIDError as exc:
-            return refuse(STATUS_CANNOT_UNDERSTAND, str(exc))
-        replaces_file = path.exists()
-        try:
-            self.spool.write(path, encoded)
-        except OSError as exc:
-            log.error("cannot write %s: %s", path, exc)
-            return refuse(STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}")
-        try:
-            with self.engine.begin() as connection:
-                recorded = record_instance(
-                    connection,
-                    header,
-                    self.spool.stored(path),
-                    len(encoded),
-                    association_id,
-                    calling,
-                )
-        except Exception as exc:
-            log.exception("association %s: cannot record an instance", association_id)
-            if not replaces_file:  # never delete an earlier copy that was acknowledged
-                self.spool.remove(path)
-            return refuse(STATUS_OUT_OF_RESOURCES, f"job log unavailable: {type(exc).__name__}")
-        if recorded.old_path is not None:
-            self.spool.remove(self.spool.locate(recorded.old_path))
-        return STATUS_SUCCESS, len(encoded)
+        """Whether the spool has more free space than the floor (see :class:`Ingest`)."""
+        return self.ingest.space_left()

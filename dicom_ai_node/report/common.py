@@ -316,3 +316,28 @@ def finish(dataset: Dataset, context: ReportContext) -> None:
     for item in dataset.ContributingEquipmentSequence:
         if item.get("ManufacturerModelName") == "highdicom":
             item.ContributionDateTime = DT(created)
+
+
+# Patient Study (C.7.2.2) and General Study (C.7.2.1) attributes that highdicom's
+# constructors do not copy. Viewers' study lists are fed from one instance of the study
+# (Orthanc's DICOMweb QIDO-RS takes Study Description from whichever it reads), so every
+# object the node adds carries them as the source has them.
+_STUDY_LEVEL = (
+    "StudyDescription",
+    "ProcedureCodeSequence",
+    "IssuerOfAccessionNumberSequence",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "AdmittingDiagnosesDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+)
+
+
+def copy_study_level(dataset: Dataset, source: Dataset) -> None:
+    """Give ``dataset`` the study-level attributes of ``source`` that it lacks (PS3.3
+    C.7.2.1, C.7.2.2: the same for every instance of a study)."""
+    for keyword in _STUDY_LEVEL:
+        if keyword in source and keyword not in dataset and not source[keyword].is_empty:
+            dataset[keyword] = deepcopy(source[keyword])

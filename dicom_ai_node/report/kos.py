@@ -18,6 +18,7 @@ from dicom_ai_node.report.common import (
     NOT_FOR_DIAGNOSTIC_USE,
     ReportContext,
     check_inputs,
+    copy_study_level,
     equipment_kwargs,
     finish,
     flagged_images,
@@ -78,5 +79,6 @@ def build_kos(
         # SCT, "Source"), which validators reject as a forbidden Purpose of Reference.
         if item.ValueType == "IMAGE":
             del item.ConceptNameCodeSequence
+    copy_study_level(kos, sources[0])
     finish(kos, context)
     return kos

@@ -7,6 +7,7 @@ radiograph) with the heat map and the result burned in, in a new series of the s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -19,6 +20,7 @@ from dicom_ai_node.report.common import (
     NOT_FOR_DIAGNOSTIC_USE,
     ReportContext,
     check_inputs,
+    copy_study_level,
     equipment_kwargs,
     finish,
     label_spec,
@@ -28,6 +30,9 @@ from dicom_ai_node.report.common import (
 from dicom_ai_node.report.render import render
 
 _WHITE, _YELLOW, _ORANGE = (255, 255, 255), (255, 220, 0), (255, 150, 40)
+# Modalities for which OHIF v3 opens its cine player over the image (its
+# "autoCineModalities" customisation): the SC keeps "OT" only for such sources.
+_CINE_MODALITIES = frozenset({"OT", "US"})
 # Patient direction letters of the +/- x, y, z axes of the patient coordinate system
 # (PS3.3 C.7.6.1.1.1 and C.7.6.2.1.1).
 _AXIS_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))
@@ -82,6 +87,12 @@ def build_sc(
     if orientation is None:
         sc.PatientOrientation = []  # type 2C: unknown, so present and empty
     sc.Laterality = str(key_source.get("Laterality") or "")  # type 2C (C.7.3.1), as the source
+    # The SC Equipment Module's Modality (PS3.3 C.8.6.1, type 3) names the source
+    # equipment and overrides "OT" of the General Series Module: the source's modality,
+    # so that viewers do not treat the image as a cine clip.
+    source_modality = str(key_source.get("Modality") or "")
+    if source_modality and source_modality not in _CINE_MODALITIES:
+        sc.Modality = source_modality
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
     sc.DateOfSecondaryCapture = sc.ContentDate
@@ -93,33 +104,33 @@ def build_sc(
         for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
             if keyword in key_source:
                 sc[keyword] = key_source[keyword]
+    copy_study_level(sc, key_source)
     finish(sc, context)
     return sc
 
 
 def _only_key(prediction: SeriesPrediction) -> SeriesPrediction:
     """The prediction restricted to its key image, to validate against the key source."""
-    return SeriesPrediction(
-        model=prediction.model,
-        model_version=prediction.model_version,
-        positive_label=prediction.positive_label,
-        label=prediction.label,
-        probability=prediction.probability,
-        positive=prediction.positive,
-        probabilities=prediction.probabilities,
-        images=(prediction.key_image,),
-    )
+    return replace(prediction, images=(prediction.key_image,), skipped=())
 
 
 def _text_lines(
     prediction: SeriesPrediction, card: ModelCard
 ) -> list[tuple[str, tuple[int, int, int]]]:
-    """Result, model, and the not-for-diagnostic-use notice when the card asks for it."""
+    """Result, model, weights hash (its first 16 hex digits), heat map method, and the
+    not-for-diagnostic-use notice when the card asks for it."""
     meaning = label_spec(card, prediction.label).code.meaning
     probability = prediction.probabilities[prediction.label]
     lines = [
         (f"AI: {meaning} {percent(probability)}", _YELLOW if prediction.positive else _WHITE),
         (f"{card.name} {card.version} ({card.manufacturer})", _WHITE),
+        (f"weights sha256 {prediction.weights_sha256[:16]}", _WHITE),
+        (
+            f"heat map: {prediction.explanation}"
+            if prediction.key_image.heatmap is not None
+            else "no heat map made by this model",
+            _WHITE,
+        ),
     ]
     if card.not_for_diagnostic_use:
         lines.append((NOT_FOR_DIAGNOSTIC_USE, _ORANGE))

@@ -5,6 +5,16 @@ root with the algorithm as observer device (TID 1002/1004), the procedure report
 (CID 100), the source images in an image library (TID 1600), and one TID 1501
 Measurement and Qualitative Evaluation Group per classification: the series result, and
 for multi-image series the key image and the other images the model found positive.
+
+Each group is a TID 1410 Planar ROI group: its Image Region (SCOORD POLYLINE) outlines the
+hot region of the heat map on its image (the key image for the series result), and its
+measurement is named by the finding with the probability in percent. This is what OHIF v3
+draws: a TID 1500 group without a region gives it nothing to show (and throws), and it
+labels a region with the concept names of the group's NUM items, "<meaning>: <value>
+<unit>" (extensions/cornerstone-dicom-sr, ``_processTID1410Measurement``), so the text
+reads "Pneumonia: 87.00 %". The finding is also the group's qualitative evaluation, and the
+anatomy is a Finding Site of the measurement (TID 300), not of the group, because OHIF
+shows group-level finding sites by their code value.
 """
 
 from __future__ import annotations
@@ -19,12 +29,13 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from dicom_ai_node.infer.card import Aggregation, ModelCard
+from dicom_ai_node.infer.card import Aggregation, LabelSpec, ModelCard
 from dicom_ai_node.infer.prediction import ImagePrediction, SeriesPrediction
 from dicom_ai_node.report.common import (
     ReportContext,
     check_inputs,
     coded,
+    copy_study_level,
     equipment_kwargs,
     finish,
     flagged_images,
@@ -33,14 +44,15 @@ from dicom_ai_node.report.common import (
     series_description,
     study_header,
 )
+from dicom_ai_node.report.region import hot_region_outline
 
 # Concept name of the qualitative evaluation (TID 1501 row "$QualitativeEvaluation"):
 # the value is the label's own code. Not (121071, DCM, "Finding"): highdicom's reader
 # skips CODE items so named when it collects qualitative evaluations.
 FINDING = Code("404684003", "SCT", "Clinical finding")
-# Concept name and unit of the probability (TID 1501 row "$Measurement", TID 300).
-PROBABILITY = codes.DCM.Probability
-NO_UNITS = codes.UCUM.NoUnits  # (1, UCUM, "no units"), CID 7181
+# Unit of the probability (TID 300), from CID 7181: percent reads well where a viewer
+# shows a unit by its code value (OHIF), which "1" (no units) does not.
+PERCENT = codes.UCUM.Percent
 # At most this many per-image groups, so that a long positive CT stays readable.
 MAX_IMAGE_GROUPS = 10
 
@@ -95,31 +107,29 @@ def build_sr(
         name=card.name,
         version=card.version,
         family=codes.DCM.ArtificialIntelligence,
+        parameters=_algorithm_parameters(prediction),
     )
     sites = _finding_sites(sources[0])
-    label = label_spec(card, prediction.label)
+    key = prediction.key_image
     groups = [
-        hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=_tracking_uid(sop_instance_uid, "series"),
-                identifier=f"{card.name} series result",
-            ),
-            algorithm_id=algorithm,
-            finding_sites=sites,
-            measurements=[
-                _probability(
-                    prediction.probabilities[prediction.label],
-                    _DERIVATIONS.get(card.aggregation),
-                )
-            ],
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(FINDING, coded(label))],
+        _group(
+            image=key,
+            source=by_uid[key.sop_instance_uid],
+            label=label_spec(card, prediction.label),
+            probability=prediction.probabilities[prediction.label],
+            derivation=_DERIVATIONS.get(card.aggregation),
+            identifier=f"{card.name} series result",
+            tracking_uid=_tracking_uid(sop_instance_uid, "series"),
+            card=card,
+            algorithm=algorithm,
+            sites=sites,
         )
     ]
-    # The image library (TID 1600) lists the images the content references: the one image
-    # of a radiograph, or those of the per-image groups. Every source image is still listed
-    # in the evidence (Current Requested Procedure Evidence Sequence); describing all of
-    # them again in the library made a 200-slice CT's SR take seconds to build.
-    referenced = [sources[0]] if len(prediction.images) == 1 else []
+    # The image library (TID 1600) lists the images the content references: the key image
+    # and those of the per-image groups. Every source image is still listed in the
+    # evidence (Current Requested Procedure Evidence Sequence); describing all of them
+    # again in the library made a 200-slice CT's SR take seconds to build.
+    referenced = [by_uid[key.sop_instance_uid]]
     if len(prediction.images) > 1:
         for image in flagged_images(prediction, card)[:MAX_IMAGE_GROUPS]:
             source = by_uid[image.sop_instance_uid]
@@ -150,8 +160,17 @@ def build_sr(
         series_description=series_description(card),
         **equipment_kwargs(card, context),  # type: ignore[arg-type]
     )
+    copy_study_level(sr, sources[0])
     finish(sr, context)
     return sr
+
+
+def _algorithm_parameters(prediction: SeriesPrediction) -> list[str] | None:
+    """Algorithm Parameters (TID 4019, 111002) naming the weights and the heat map method:
+    with name and version they identify the model that produced the result."""
+    if not prediction.weights_sha256:
+        return None
+    return [f"weights sha256 {prediction.weights_sha256}", f"heat map {prediction.explanation}"]
 
 
 def _image_group(
@@ -161,30 +180,67 @@ def _image_group(
     algorithm: hd.sr.AlgorithmIdentification,
     sites: list[hd.sr.FindingSite],
     sop_instance_uid: str,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """The TID 1501 group of one image (or frame) with its own source image reference."""
-    frames = None if image.frame_number is None else [image.frame_number]
-    where = image.sop_instance_uid if frames is None else f"{image.sop_instance_uid}#{frames[0]}"
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The group of one image (or frame), its region on that image."""
+    where = image.sop_instance_uid
+    if image.frame_number is not None:
+        where = f"{where}#{image.frame_number}"
     number = source.get("InstanceNumber")
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=_tracking_uid(sop_instance_uid, where),
-            identifier=f"{card.name} image {number if number is not None else where}"[:64],
-        ),
-        algorithm_id=algorithm,
-        finding_sites=sites,
-        measurements=[_probability(image.probabilities[image.label], None)],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(FINDING, coded(label_spec(card, image.label)))
-        ],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source, frames)],
+    return _group(
+        image=image,
+        source=source,
+        label=label_spec(card, image.label),
+        probability=image.probabilities[image.label],
+        derivation=None,
+        identifier=f"{card.name} image {number if number is not None else where}",
+        tracking_uid=_tracking_uid(sop_instance_uid, where),
+        card=card,
+        algorithm=algorithm,
+        sites=sites,
     )
 
 
-def _probability(value: float, derivation: Code | None) -> hd.sr.Measurement:
-    """The probability of the reported label as a TID 300 measurement, unit "1"."""
-    return hd.sr.Measurement(
-        name=PROBABILITY, value=round(value, 6), unit=NO_UNITS, derivation=derivation
+def _group(
+    *,
+    image: ImagePrediction,
+    source: Dataset,
+    label: LabelSpec,
+    probability: float,
+    derivation: Code | None,
+    identifier: str,
+    tracking_uid: str,
+    card: ModelCard,
+    algorithm: hd.sr.AlgorithmIdentification,
+    sites: list[hd.sr.FindingSite],
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """A TID 1410 group: the finding and its probability on the hot region of ``image``.
+
+    The measurement (TID 300) is named by the finding's code and valued in percent, with
+    the anatomy as its Finding Site and, for an aggregate, its Derivation (CID 7464).
+    """
+    frames = None if image.frame_number is None else [image.frame_number]
+    outline = hot_region_outline(
+        source, image.frame_number, image.heatmap, card.preprocessing.keep_aspect
+    )
+    finding = coded(label)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=identifier[:64]),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=outline,
+            source_image=hd.sr.SourceImageForRegion.from_source_image(source, frames),
+        ),
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(
+                name=finding,
+                value=round(100 * probability, 4),
+                unit=PERCENT,
+                derivation=derivation,
+                finding_sites=sites,
+            )
+        ],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(FINDING, finding)],
     )
 
 

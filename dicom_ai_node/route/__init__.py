@@ -3,7 +3,8 @@
 A rule's ``where`` maps DICOM keywords (or ``CallingAETitle``) to accepted values: a list of
 strings compared case-insensitively (for multi-valued attributes such as Image Type, any value
 may match), or ``/regex/`` searched case-insensitively. Every key must match. A series that no
-rule matches is recorded as skipped with the reason, never dropped in silence.
+rule matches is recorded as skipped with the reason, never dropped in silence. A series or
+study pulled for named routes (``run --route``) is matched against those rules only.
 """
 
 from __future__ import annotations
@@ -62,7 +63,12 @@ def _spec(
         outputs=tuple(rule.outputs),
         destinations=tuple(rule.destinations),
         priority=rule.priority,
+        shadow=rule.shadow,
     )
+
+
+def _rules(rules: Sequence[RouteSettings], requested: tuple[str, ...]) -> Sequence[RouteSettings]:
+    return [rule for rule in rules if rule.name in requested] if requested else rules
 
 
 def plan_series(
@@ -76,7 +82,7 @@ def plan_series(
     specs: list[JobSpec] = []
     reasons: list[str] = []
     matched_study_rule = False
-    for rule in rules:
+    for rule in _rules(rules, series.requested_routes):
         why = mismatch(rule, series)
         if why is not None:
             reasons.append(f"{rule.name}: {why}")
@@ -94,7 +100,7 @@ def plan_series(
 def plan_study(rules: Sequence[RouteSettings], study: CompletedStudy) -> list[JobSpec]:
     """One job per study-level rule that matches at least one series of the study."""
     specs = []
-    for rule in rules:
+    for rule in _rules(rules, study.requested_routes):
         if rule.level != "study":
             continue
         matching = [s for s in study.series if mismatch(rule, s) is None]

@@ -12,18 +12,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_ai_node.audit.messages import accessed_event
+from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DestinationSettings
 from dicom_ai_node.jobs import stats
-from dicom_ai_node.jobs.models import Result
-from dicom_ai_node.jobs.queue import RetryOutcome, retry_job
+from dicom_ai_node.jobs.models import Result, utcnow
+from dicom_ai_node.jobs.queue import RetryOutcome, add_feedback, retry_job
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.web import queries
+from dicom_ai_node.web.auth import client_address
 from dicom_ai_node.web.images import dicom_to_png
 
 StateName = Literal[
@@ -43,9 +46,25 @@ class WebContext:
     destinations: Sequence[DestinationSettings]
     node_name: str
     data_dir: Path  # the spool's root: the job log's paths are relative to it
+    audit: AuditTrail | None = None
+    identity: str = ""
+
+    def accessed(self, request: Request, job: queries.JobDetail) -> None:
+        """Audit that this request's user read ``job`` (PS3.15 A.5.3.2)."""
+        if self.audit is not None:
+            self.audit.record(
+                accessed_event(
+                    self.identity,
+                    client_address(request),
+                    str(request.url.path),
+                    job.study_instance_uid,
+                    job.patient_id or "",
+                    utcnow(),
+                )
+            )
 
     def destination_status(self, session: Session) -> list[queries.DestinationStatus]:
-        configured = [(d.name, f"{d.ae_title}@{d.host}:{d.port}") for d in self.destinations]
+        configured = [(d.name, d.address) for d in self.destinations]
         return queries.destinations(session, configured)
 
     def problems(self) -> list[str]:
@@ -59,6 +78,14 @@ class WebContext:
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     problems: list[str]
+
+
+class FeedbackIn(BaseModel):
+    """A radiologist's opinion of a job's finding."""
+
+    agree: bool
+    comment: str = Field(default="", max_length=2000)
+    author: str = Field(min_length=1, max_length=128, description="Who gives the feedback")
 
 
 def as_utc(moment: datetime | None) -> datetime | None:
@@ -95,12 +122,13 @@ def api_router(ctx: WebContext) -> APIRouter:
             return queries.list_jobs(session, where, limit, offset)
 
     @router.get("/jobs/{job_id}", response_model=queries.JobDetail)
-    def get_job(job_id: int) -> queries.JobDetail:
+    def get_job(request: Request, job_id: int) -> queries.JobDetail:
         """One job with its results, notifications and event history."""
         with ctx.reads() as session:
             job = queries.get_job(session, job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id}")
+        ctx.accessed(request, job)
         return job
 
     @router.post(
@@ -113,6 +141,23 @@ def api_router(ctx: WebContext) -> APIRouter:
         try:
             with ctx.sessions.begin() as session:
                 return retry_job(session, job_id)
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from None
+        except ValueError as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    @router.post(
+        "/jobs/{job_id}/feedback",
+        response_model=queries.FeedbackOut,
+        status_code=201,
+        responses={404: {"description": "No such job"}, 409: {"description": "No finding"}},
+    )
+    def feedback_endpoint(job_id: int, given: FeedbackIn) -> queries.FeedbackOut:
+        """Agree or disagree with a job's finding, with an optional comment."""
+        try:
+            with ctx.sessions.begin() as session:
+                stored = add_feedback(session, job_id, given.agree, given.comment, given.author)
+                return queries.FeedbackOut.model_validate(stored, from_attributes=True)
         except LookupError as exc:
             raise HTTPException(404, str(exc)) from None
         except ValueError as exc:
@@ -133,6 +178,12 @@ def api_router(ctx: WebContext) -> APIRouter:
         """Each destination with its deliveries and its last success and failure."""
         with ctx.reads() as session:
             return ctx.destination_status(session)
+
+    @router.get("/refused-sources", response_model=list[queries.RefusedSource])
+    def get_refused_sources() -> list[queries.RefusedSource]:
+        """Source addresses the DICOM listener refused by a limit, by reason, newest first."""
+        with ctx.reads() as session:
+            return queries.refused_sources(session)
 
     @router.get("/queue", response_model=stats.QueueDepth)
     def get_queue() -> stats.QueueDepth:

@@ -6,19 +6,21 @@ meta refresh: it works offline, behind any proxy, in any browser a hospital has.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, select_autoescape
+from sqlalchemy.orm import Session
 
 from dicom_ai_node.infer.prediction import percent
 from dicom_ai_node.jobs import stats
 from dicom_ai_node.jobs.models import JobState
-from dicom_ai_node.jobs.queue import retry_job
+from dicom_ai_node.jobs.queue import add_feedback, retry_job
 from dicom_ai_node.web import queries
 from dicom_ai_node.web.api import WebContext
 
@@ -61,8 +63,9 @@ def templates() -> Jinja2Templates:
     return Jinja2Templates(env=env)
 
 
-def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
-    """The HTML pages (the caller adds the token check)."""
+def dashboard_router(ctx: WebContext, refresh_seconds: int, csrf_token: str) -> APIRouter:
+    """The HTML pages (the caller adds the token check); ``csrf_token`` goes in their forms
+    that change state (see ``auth.py``)."""
     router = APIRouter(include_in_schema=False)
     pages = templates()
 
@@ -77,6 +80,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
                 "depth": depth,
                 "refresh": refresh_seconds if refresh else None,
                 "now": datetime.now(UTC),
+                "csrf": csrf_token,
                 **values,
             },
         )
@@ -144,6 +148,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
             job = queries.get_job(session, job_id)
         if job is None:
             return render(request, "missing.html", False, what=f"job {job_id}")
+        ctx.accessed(request, job)
         return render(
             request,
             "job.html",
@@ -154,35 +159,68 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int) -> APIRouter:
             retried=retried,
         )
 
+    @router.post("/jobs/{job_id}/feedback")
+    async def feedback_form(request: Request, job_id: int) -> RedirectResponse:
+        # An urlencoded form, parsed here: FastAPI's Form() needs python-multipart.
+        form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
+        author = form.get("author", "").strip()[:128]
+
+        def give(session: Session) -> str:
+            if not author:
+                raise ValueError("give your name with the feedback")
+            agree, comment = form.get("agree") == "yes", form.get("comment", "")[:2000]
+            add_feedback(session, job_id, agree, comment, author)
+            return "feedback recorded"
+
+        return _job_form(ctx, job_id, give)
+
+    @router.get("/drift", response_class=HTMLResponse)
+    def drift_page(request: Request) -> HTMLResponse:
+        with ctx.reads() as session:
+            rates = stats.positive_rates(session, days=30)
+        expected = ctx.metrics.expected
+        rows = [
+            (r, e if (e := expected.get(r.model)) and e.version == r.version else None)
+            for r in rates
+        ]
+        return render(request, "drift.html", False, rows=rows)
+
     @router.post("/jobs/{job_id}/retry")
     def retry_form(job_id: int) -> RedirectResponse:
-        try:
-            with ctx.sessions.begin() as session:
-                outcome = retry_job(session, job_id)
-            message = (
-                f"{outcome.deliveries} deliveries queued again"
-                if outcome.action == "resend"
-                else "queued again"
-            )
-        except (LookupError, ValueError) as exc:
-            message = str(exc)
-        return RedirectResponse(
-            f"/jobs/{job_id}?{urlencode({'retried': message})}", status_code=303
-        )
+        def run_again(session: Session) -> str:
+            outcome = retry_job(session, job_id)
+            if outcome.action == "resend":
+                return f"{outcome.deliveries} deliveries queued again"
+            return "queued again"
+
+        return _job_form(ctx, job_id, run_again)
 
     @router.get("/destinations", response_class=HTMLResponse)
     def destinations_page(request: Request) -> HTMLResponse:
         with ctx.reads() as session:
             destinations = ctx.destination_status(session)
+            refused = queries.refused_sources(session)
         return render(
             request,
             "destinations.html",
             True,
             destinations=destinations,
+            refused=refused,
             problems=ctx.problems(),
         )
 
     return router
+
+
+def _job_form(ctx: WebContext, job_id: int, action: Callable[[Session], str]) -> RedirectResponse:
+    """Run a job page form's ``action`` in one transaction, then back to the page (303, PRG)
+    with its outcome, or its ``LookupError``/``ValueError``, as a notice."""
+    try:
+        with ctx.sessions.begin() as session:
+            message = action(session)
+    except (LookupError, ValueError) as exc:
+        message = str(exc)
+    return RedirectResponse(f"/jobs/{job_id}?{urlencode({'retried': message})}", status_code=303)
 
 
 def login_page(reason: str, status: int) -> HTMLResponse:

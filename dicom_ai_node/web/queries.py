@@ -19,6 +19,7 @@ from dicom_ai_node.jobs.models import (
     Delivery,
     DeliveryState,
     Event,
+    Feedback,
     Job,
     JobState,
     Notification,
@@ -59,6 +60,8 @@ class JobSummary(BaseModel):
     route: str | None
     model: str | None
     model_version: str | None
+    weights_sha256: str | None
+    shadow: bool
     label: str | None
     probability: float | None
     positive: bool | None
@@ -107,12 +110,20 @@ class NotificationOut(BaseModel):
     sent_at: datetime | None
 
 
+class FeedbackOut(BaseModel):
+    agree: bool
+    comment: str
+    author: str
+    at: datetime
+
+
 class JobDetail(JobSummary):
     study_date: str
     study_description: str
     results: list[ResultOut]
     events: list[EventOut]
     notifications: list[NotificationOut]
+    feedback: list[FeedbackOut]
 
 
 class WorklistItem(JobSummary):
@@ -132,6 +143,17 @@ class DestinationStatus(BaseModel):
     last_failure_at: datetime | None
     last_error: str | None
     health: Literal["ok", "failing", "unknown"]
+
+
+class RefusedSource(BaseModel):
+    """A source address that the DICOM listener refused, by reason (``connection_refused``
+    events: one per source and reason a minute at most, see ``receive/guard.py``)."""
+
+    address: str
+    reason: str
+    minutes: int
+    last_at: datetime
+    last_message: str
 
 
 class JobFilter(BaseModel):
@@ -213,6 +235,8 @@ def _summary(row: Any, deliveries: dict[int, list[DeliveryStatus]], **extra: Any
         "route": job.route,
         "model": job.model,
         "model_version": job.model_version,
+        "weights_sha256": job.weights_sha256,
+        "shadow": job.shadow,
         "label": job.label,
         "probability": job.probability,
         "positive": job.positive,
@@ -275,6 +299,12 @@ def get_job(session: Session, job_id: int) -> JobDetail | None:
         events=[EventOut.model_validate(e, from_attributes=True) for e in events],
         notifications=[
             NotificationOut.model_validate(n, from_attributes=True) for n in notifications
+        ],
+        feedback=[
+            FeedbackOut.model_validate(f, from_attributes=True)
+            for f in session.scalars(
+                select(Feedback).where(Feedback.job_id == job_id).order_by(Feedback.id)
+            )
         ],
     )
 
@@ -389,6 +419,32 @@ def destinations(
             )
         )
     return statuses
+
+
+def refused_sources(session: Session, limit: int = 50) -> list[RefusedSource]:
+    """The sources most recently refused by the listener's limits, newest first."""
+    address = Event.data["address"].as_string()
+    reason = Event.data["reason"].as_string()
+    rows = session.execute(
+        select(address, reason, func.count(), func.max(Event.id))
+        .where(Event.kind == "connection_refused")
+        .group_by(address, reason)
+        .order_by(func.max(Event.id).desc())
+        .limit(limit)
+    ).all()
+    last = {
+        e.id: e for e in session.scalars(select(Event).where(Event.id.in_([r[3] for r in rows])))
+    }
+    return [
+        RefusedSource(
+            address=row[0],
+            reason=row[1],
+            minutes=row[2],
+            last_at=last[row[3]].at,
+            last_message=last[row[3]].message,
+        )
+        for row in rows
+    ]
 
 
 def distinct_values(session: Session, column: Literal["model", "label"]) -> list[str]:

@@ -14,8 +14,11 @@ from pathlib import Path
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DestinationSettings
 from dicom_ai_node.metrics import NodeMetrics
+from dicom_ai_node.receive.ingest import Ingest
+from dicom_ai_node.retrieve import Sources
 from dicom_ai_node.web.app import create_app
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,8 @@ class HttpServer:
     The token is ``token``, else ``$DICOM_AI_NODE_HTTP_TOKEN``, else a random one made now
     (``token_generated`` is then true, and :attr:`login_url` is what to print).
     ``health`` returns the node's problems (none = healthy), for ``/healthz``; reads go
-    through ``read_sessions`` when given (the node's read-only sessions).
+    through ``read_sessions`` when given (the node's read-only sessions). ``ingest`` and
+    ``stow_max_bytes`` enable STOW-RS (see :mod:`.stow`), ``sources`` ``/api/pull``.
     """
 
     def __init__(
@@ -46,6 +50,10 @@ class HttpServer:
         node_name: str = "",
         data_dir: Path = Path(),
         refresh_seconds: int = 15,
+        audit: AuditTrail | None = None,
+        ingest: Ingest | None = None,
+        stow_max_bytes: int = 2**31,
+        sources: Sources | None = None,
     ) -> None:
         configured = token or os.environ.get(TOKEN_ENV, "")
         self.token_generated = not configured
@@ -62,6 +70,10 @@ class HttpServer:
             node_name=node_name,
             data_dir=data_dir,
             refresh_seconds=refresh_seconds,
+            audit=audit,
+            ingest=ingest,
+            stow_max_bytes=stow_max_bytes,
+            sources=sources,
         )
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

@@ -143,6 +143,7 @@ def ct_series() -> list[Dataset]:
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.PatientName, ds.PatientID, ds.PatientSex = "Doe^Jane", "P-0042", "F"
         ds.StudyDate, ds.StudyTime = "20250301", "081500"
+        ds.StudyDescription = "CT CHEST"
         ds.Modality, ds.BodyPartExamined, ds.Manufacturer = "CT", "CHEST", "Synthetic"
         ds.SeriesNumber, ds.InstanceNumber = 3, i + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]

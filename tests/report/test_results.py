@@ -22,14 +22,15 @@ def _results(ct_series, prediction, card, context, outputs=("sr", "sc", "kos"), 
 
 def test_outputs_and_new_series(ct_series, predict, card, context):
     results = _results(ct_series, predict(ct_series, SERIES_P), card, context)
-    assert [r.Modality for r in results] == ["SR", "OT", "KO"]
+    assert [r.Modality for r in results] == ["SR", "CT", "KO"]  # SC: the source's, not OT
+    assert {r.StudyDescription for r in results} == {"CT CHEST"}
     series = {r.SeriesInstanceUID for r in results}
     assert len(series) == 3 and not series & {ds.SeriesInstanceUID for ds in ct_series}
     assert {r.StudyInstanceUID for r in results} == {ct_series[0].StudyInstanceUID}
     assert [r.SeriesNumber for r in results] == [9100, 9101, 9102]
 
     negative = _results(ct_series, predict(ct_series, [0.1] * 5), card, context)
-    assert [r.Modality for r in negative] == ["SR", "OT"]  # no KOS for a negative result
+    assert [r.Modality for r in negative] == ["SR", "CT"]  # no KOS for a negative result
     only_sr = _results(ct_series, predict(ct_series, SERIES_P), card, context, outputs=["sr"])
     assert [r.Modality for r in only_sr] == ["SR"]
     with pytest.raises(ValueError, match="unknown outputs"):

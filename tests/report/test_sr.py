@@ -11,7 +11,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicom_ai_node.report import build_sr, result_uids
-from dicom_ai_node.report.sr import FINDING, PROBABILITY
+from dicom_ai_node.report.sr import FINDING, PERCENT
 from tests.support.helpers import write
 from tests.support.validators import dciodvfy_errors, dcmtk_sr
 
@@ -43,26 +43,29 @@ def test_finding_and_probability_are_read_back(tmp_path, ct_series, predict, car
 
     sr = hd.sr.srread(path)
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
-    groups = report(sr).get_image_measurement_groups()
-    # the series result, then the key image and the other positive images (0.7, 0.6)
+    groups = report(sr).get_planar_roi_measurement_groups()
+    # the series result (on the key image), then the key image and the other positive
+    # images (0.7, 0.6), each a region on its image
     assert len(groups) == 4
     series = groups[0]
     (evaluation,) = series.get_qualitative_evaluations(name=FINDING)
     assert evaluation.name == FINDING and evaluation.value == PNEUMONIA
-    (probability,) = series.get_measurements(name=PROBABILITY)
-    assert probability.value == pytest.approx(0.9)
-    assert probability.unit == codes.UCUM.NoUnits
+    (probability,) = series.get_measurements(name=PNEUMONIA)
+    assert probability.value == pytest.approx(90.0)
+    assert probability.unit == PERCENT
     assert probability.derivation == codes.SCT.Maximum
-    assert [site.value for site in series.finding_sites] == [codes.SCT.Chest]
+    assert [site.value for site in probability.finding_sites] == [codes.SCT.Chest]
+    assert series.finding_sites == []  # OHIF shows group-level sites by code value
 
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in ct_series}
-    expected = [(ct_series[2], 0.9), (ct_series[1], 0.7), (ct_series[3], 0.6)]
-    for group, (source, p) in zip(groups[1:], expected, strict=True):
-        (image,) = group.source_images
+    expected = [(ct_series[2], 0.9), (ct_series[2], 0.9), (ct_series[1], 0.7), (ct_series[3], 0.6)]
+    for group, (source, p) in zip(groups, expected, strict=True):
+        region = group.roi
+        assert region is not None and region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        assert region.value.shape == (5, 2)
+        (image,) = region.ContentSequence
         assert image.referenced_sop_instance_uid == source.SOPInstanceUID
-        assert group.get_measurements()[0].value == pytest.approx(p)
+        assert group.get_measurements()[0].value == pytest.approx(100 * p)
         assert group.get_qualitative_evaluations(name=FINDING)[0].value == PNEUMONIA
-        assert str(image.referenced_sop_instance_uid) in by_uid
 
 
 def test_observer_algorithm_and_image_library(tmp_path, ct_series, predict, card, context):
@@ -72,7 +75,7 @@ def test_observer_algorithm_and_image_library(tmp_path, ct_series, predict, card
     (device,) = report(sr).get_observer_contexts(observer_type=codes.DCM.Device)
     attributes = device.observer_identifying_attributes
     assert attributes.name == card.name and attributes.manufacturer_name == card.manufacturer
-    group = report(sr).get_image_measurement_groups()[0][0]
+    group = report(sr).get_planar_roi_measurement_groups()[0][0]
     names = {
         item.name.meaning: item.value for item in group.ContentSequence if item.ValueType == "TEXT"
     }
@@ -86,8 +89,8 @@ def test_observer_algorithm_and_image_library(tmp_path, ct_series, predict, card
         i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"
     )
     entries = library.ContentSequence[0].ContentSequence
-    # the library lists the images the per-image groups reference (p >= 0.5), the
-    # evidence above lists every source image
+    # the library lists the images the regions are on (p >= 0.5), the evidence above
+    # lists every source image
     listed = {
         e.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
         for e in entries
@@ -130,9 +133,9 @@ def test_single_radiograph_has_one_group(tmp_path, cr_mono1, predict, card, cont
     path = write(_sr([cr_mono1], predict([cr_mono1], [0.3]), card, context), tmp_path)
     sr = hd.sr.srread(path)
 
-    (group,) = report(sr).get_image_measurement_groups()
+    (group,) = report(sr).get_planar_roi_measurement_groups()
     assert group.get_qualitative_evaluations(name=FINDING)[0].value == NORMAL
-    assert group.get_measurements()[0].value == pytest.approx(0.7)  # P(normal)
+    assert group.get_measurements()[0].value == pytest.approx(70.0)  # P(normal)
     assert sr.PatientName == cr_mono1.PatientName  # Japanese name survives ISO 2022 IR 87
     assert sr.SpecificCharacterSet == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
 
@@ -150,7 +153,7 @@ def test_dciodvfy_reports_no_errors(request, tmp_path, name, predict, card, cont
 def test_dsr2html_renders_finding_and_probability(tmp_path, cr_mono1, predict, card, context):
     path = write(_sr([cr_mono1], predict([cr_mono1], [0.87]), card, context), tmp_path)
     html = dcmtk_sr("dsr2html", path)
-    assert "Pneumonia" in html and "0.87" in html
+    assert "Pneumonia" in html and "87" in html
 
 
 def test_invalid_inputs_raise(ct_series, ct_small, predict, card, context):

@@ -3,6 +3,7 @@ and the real DCMTK tools."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
@@ -31,11 +32,24 @@ ROOT = Path(__file__).resolve().parents[2]
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+# Ports for the servers the tests start are taken below the kernel's ephemeral range (32768 and
+# up on Linux), so that no outgoing connection can be given one as its local port between the
+# moment a test picks it and the moment its server binds it; each is handed out once per run.
+_PORT_BASE, _PORT_SPAN = 20000, 12000
+_ports = itertools.count((os.getpid() * 37) % _PORT_SPAN)
+
+
 def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on loopback now, outside the ephemeral range, not handed out before."""
+    for n in _ports:
+        port = _PORT_BASE + n % _PORT_SPAN
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("unreachable: the port counter is endless")
 
 
 def require(tool: str) -> str:

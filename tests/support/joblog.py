@@ -210,3 +210,26 @@ class Running:
     def client(self, token: str | None = TOKEN) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.base, headers=headers, timeout=10)
+
+
+def job_with_results(
+    session: Session, destinations: list[str], kinds: tuple[str, ...]
+) -> tuple[Job, list[Result]]:
+    """A job to ``destinations`` with one result row of each kind (no files behind them)."""
+    job = Job(study_instance_uid="1.2", series_instance_uid="1.2.3", destinations=destinations)
+    session.add(job)
+    session.flush()
+    results = [
+        Result(
+            sop_instance_uid=f"1.2.9.{n}",
+            job_id=job.id,
+            kind=kind,
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+            series_instance_uid="1.2.9",
+            path=f"outbox/1.2/1.2.9/1.2.9.{n}.dcm",
+        )
+        for n, kind in enumerate(kinds)
+    ]
+    session.add_all(results)
+    session.flush()
+    return job, results

@@ -5,30 +5,34 @@ configuration under ``root`` (storage and index there too), ``start()`` runs
 ``/usr/sbin/Orthanc`` and returns once ``/system`` answers, ``stop()`` ends it cleanly
 (SIGTERM, then SIGKILL after a timeout). ``start()`` again reuses the same storage and ports,
 which is how a PACS outage is played. REST calls use only the standard library.
+
+``plugins=("dicomweb",)`` loads Debian's plugins (``/usr/share/orthanc/plugins``): DICOMweb
+answers under ``/dicom-web/``. ``users={"name": "password"}`` turns on HTTP basic
+authentication (the REST helpers log in as the first user). ``config={...}`` adds or overrides
+configuration keys (a section given as a mapping is merged into the default one).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests.support.helpers import free_port
+
 ORTHANC = "/usr/sbin/Orthanc"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
+# Debian package -> plugin library (orthanc-dicomweb, orthanc-webviewer)
+PLUGINS = {"dicomweb": "libOrthancDicomWeb.so", "webviewer": "libOrthancWebViewer.so"}
 
 
 class OrthancError(RuntimeError):
@@ -51,11 +55,23 @@ class Orthanc:
         dicom_port: int | None = None,
         http_port: int | None = None,
         stable_age: int = 1,
+        plugins: Sequence[str] = (),
+        users: Mapping[str, str] | None = None,
+        config: Mapping[str, Any] | None = None,
     ) -> None:
+        unknown = set(plugins) - set(PLUGINS)
+        if unknown:
+            raise OrthancError(f"unknown plugins {sorted(unknown)}; known: {sorted(PLUGINS)}")
+        self.plugins = [PLUGIN_DIR / PLUGINS[name] for name in plugins]
+        missing = [str(path) for path in self.plugins if not path.exists()]
+        if missing:
+            raise OrthancError(f"Orthanc plugins not installed: {missing}")
+        self.users = dict(users or {})
+        self.extra = dict(config or {})
         self.root = root
         self.aet = aet
-        self.dicom_port = dicom_port or _free_port()
-        self.http_port = http_port or _free_port()
+        self.dicom_port = dicom_port or free_port()
+        self.http_port = http_port or free_port()
         self.modalities = dict(modalities or {})
         self.stable_age = stable_age
         self.log = root / "orthanc.log"
@@ -65,17 +81,24 @@ class Orthanc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb service root (with the ``dicomweb`` plugin)."""
+        return f"{self.url}/dicom-web"
+
     def configuration(self) -> dict[str, Any]:
         """The JSON configuration Orthanc is started with."""
-        return {
+        config: dict[str, Any] = {
             "Name": f"test-{self.aet}",
             "StorageDirectory": str(self.root / "storage"),
             "IndexDirectory": str(self.root / "index"),
-            "Plugins": [],
+            "Plugins": [str(path) for path in self.plugins],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "DicomServerEnabled": True,
             "DicomAet": self.aet,
             "DicomPort": self.dicom_port,
@@ -92,6 +115,10 @@ class Orthanc:
             "ConcurrentJobs": 2,
             "OverwriteInstances": False,
         }
+        for key, value in self.extra.items():
+            merged = isinstance(value, Mapping) and isinstance(config.get(key), dict)
+            config[key] = {**config[key], **value} if merged else value
+        return config
 
     # --- process ---------------------------------------------------------------------------
 
@@ -152,6 +179,9 @@ class Orthanc:
         request = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
             request.add_header("Content-Type", content_type)
+        for user, password in list(self.users.items())[:1]:
+            login = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {login}")
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 raw: bytes = response.read()

@@ -37,6 +37,8 @@ class Served:
 
     def start(self, *, wait: bool = True) -> None:
         """Start ``serve``; with ``wait``, return once it listens (failing if it exits)."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise AssertionError("serve is running already; stop it first (it would leak)")
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dicom_ai_node", "serve"],

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from alembic.config import Config
+from alembic.script import ScriptDirectory
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -42,6 +44,7 @@ from dicom_ai_node.receive.header import read_header
 from dicom_ai_node.receive.record import open_association, record_instance
 from dicom_ai_node.spool import Spool
 from tests.support.helpers import instance, make_settings, wait_for
+from tests.support.joblog import job_with_results
 from tests.support.postgres import empty_job_log, fresh_database, postgres_server
 
 pytestmark = pytest.mark.peers
@@ -124,8 +127,9 @@ def test_three_nodes_start_together_on_a_fresh_database_and_share_the_work(
         with engine.connect() as connection:
             versions = connection.execute(text("SELECT version_num FROM alembic_version")).all()
             names = connection.execute(select(NodeRecord.name).order_by(NodeRecord.name)).all()
-        heads = sorted(p.name.split("_", 1)[0] for p in (MIGRATIONS / "versions").glob("*.py"))
-        assert [v for (v,) in versions] == [heads[-1]]
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        assert [v for (v,) in versions] == [ScriptDirectory.from_config(config).get_current_head()]
         assert [n for (n,) in names] == ["node-0", "node-1", "node-2"]
 
         study = generate_uid()
@@ -204,21 +208,7 @@ def test_racing_workers_plan_one_delivery_per_result_and_destination(
     sessions: sessionmaker[Session],
 ) -> None:
     with sessions.begin() as session:
-        job = Job(study_instance_uid="1.2", series_instance_uid="1.2.3", destinations=["a", "b"])
-        session.add(job)
-        session.flush()
-        results = [
-            Result(
-                sop_instance_uid=f"1.2.9.{n}",
-                job_id=job.id,
-                kind="sr",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
-                series_instance_uid="1.2.9",
-                path=f"outbox/1.2/1.2.9/1.2.9.{n}.dcm",
-            )
-            for n in range(3)
-        ]
-        session.add_all(results)
+        job, results = job_with_results(session, ["a", "b"], ("sr", "sr", "sr"))
 
     def plan(_n: int) -> int:
         with sessions.begin() as session:

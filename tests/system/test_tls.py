@@ -17,8 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_ai_node.config import ConfigError, DestinationSettings
-from dicom_ai_node.dispatch.deliveries import peer
-from dicom_ai_node.dispatch.scu import send_files
+from dicom_ai_node.dispatch.deliveries import peer, send
 from dicom_ai_node.node import Node
 from tests.support.certs import (
     Certificates,
@@ -32,6 +31,7 @@ from tests.support.helpers import (
     instance,
     make_settings,
     run_tool,
+    wait_for,
     write,
 )
 
@@ -120,7 +120,7 @@ def test_stalled_handshake_does_not_block_other_associations(
 ) -> None:
     node = tls_node(node_factory, certs, acse_timeout=2)
     with socket.create_connection(("127.0.0.1", node.scp.port)) as stalled:
-        time.sleep(0.2)  # the server has accepted it and waits for a ClientHello
+        wait_for(lambda: node.scp.guard.pending == 1)  # accepted, waiting for a ClientHello
         started = time.monotonic()
         ae = AE(ae_title="PACS")
         ae.connection_timeout = ae.acse_timeout = 5  # TCP connect and TLS handshake
@@ -146,7 +146,7 @@ def test_stop_does_not_wait_for_a_stalled_handshake(
 ) -> None:
     node = tls_node(node_factory, certs)  # ACSE timeout 30 s
     with socket.create_connection(("127.0.0.1", node.scp.port)):
-        time.sleep(0.2)
+        wait_for(lambda: node.scp.guard.pending == 1)
         started = time.monotonic()
         node.scp.stop()  # (the silent connection is closed at its timeout or at exit)
         assert time.monotonic() - started < 3
@@ -174,15 +174,15 @@ def test_dispatch_over_tls_to_dcmtk_storescp(certs: Certificates, tmp_path: Path
     files = [write(instance(), tmp_path / "results") for _ in range(2)]
     destination = tls_destination(port, certs)
     with tls_storescp(port, tmp_path / "pacs", certs) as folder:
-        outcomes = send_files(files, peer(DestinationSettings(**destination), "AINODE"))
+        outcomes = send(files, peer(DestinationSettings(**destination), "AINODE"), 30.0)
         assert [o.status for o in outcomes] == [0x0000, 0x0000]
         assert len(list(folder.iterdir())) == 2
         # a peer whose certificate does not chain to the CAs we trust gets nothing
         untrusting = {**destination, "ca_certificates": certs.untrusted_client.certificate}
-        refused = send_files(files, peer(DestinationSettings(**untrusting), "AINODE"))
+        refused = send(files, peer(DestinationSettings(**untrusting), "AINODE"), 30.0)
         assert all(o.status is None and "association" in o.error for o in refused)
         # and storescp refuses a client without a certificate
         anonymous = {**destination, "certificate": None, "private_key": None}
-        refused = send_files(files, peer(DestinationSettings(**anonymous), "AINODE"))
+        refused = send(files, peer(DestinationSettings(**anonymous), "AINODE"), 30.0)
         assert all(o.status is None for o in refused)
         assert len(list(folder.iterdir())) == 2

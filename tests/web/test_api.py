@@ -314,3 +314,26 @@ def test_metrics_exposition(serve, job_log):
     assert samples[("dicom_ai_node_jobs", (("state", "failed"),))] == 0
     assert samples[("dicom_ai_node_queue_depth", ())] == 2
     assert samples[("dicom_ai_node_database_up", ())] == 1
+
+
+def test_refused_sources_are_listed_with_their_reasons(serve, job_log):
+    with job_log.sessions.begin() as session:
+        for address, reason in [
+            ("127.0.0.9", "pending_per_address"),
+            ("127.0.0.9", "pending_per_address"),
+            ("127.0.0.9", "associations_per_address"),
+            ("127.0.0.7", "address_not_allowed"),
+        ]:
+            add_event(
+                session, "connection_refused", f"refused: {reason}", address=address, reason=reason
+            )
+    running = serve()
+    with running.client() as client:
+        found = client.get("/api/refused-sources").json()
+        page = client.get("/destinations").text
+    assert [(r["address"], r["reason"], r["minutes"]) for r in found] == [
+        ("127.0.0.7", "address_not_allowed", 1),
+        ("127.0.0.9", "associations_per_address", 1),
+        ("127.0.0.9", "pending_per_address", 2),
+    ]
+    assert "Refused sources" in page and "pending_per_address" in page and "127.0.0.7" in page
