@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,6 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from sqlalchemy import Engine
 
 from dicom_ai_node.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from dicom_ai_node.audit.trail import AuditTrail
+    from dicom_ai_node.receive.ingest import Ingest
+    from dicom_ai_node.retrieve import Retrieved
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -54,8 +59,9 @@ def run(
     """Query a PACS for studies and retrieve them into the node (C-FIND, then C-MOVE to the
     node's listener or C-GET); the running node completes and routes them as it does any
     study it is sent."""
+    from dicom_ai_node.audit.trail import AuditTrail
+    from dicom_ai_node.jobs.db import session_factory
     from dicom_ai_node.receive.ingest import Ingest
-    from dicom_ai_node.retrieve import Retrieved, RetrieveError, Sources, retrieve_studies
     from dicom_ai_node.spool import Spool
 
     if (study is None) == (since is None):
@@ -63,16 +69,42 @@ def run(
         raise typer.Exit(2)
     settings, engine = _job_log(config)
     ingest = Ingest(
-        Spool(settings.storage.data_dir),
+        Spool(settings.storage.data_dir, settings.node_name),
         engine,
         max_instance_bytes=int(settings.dicom.max_instance_mb * 2**20),
         min_free_bytes=settings.storage.min_free_mb * 2**20,
     )
+    audit = AuditTrail(session_factory(engine), settings.audit, settings.node_name)
+    audit.start()  # the queries and C-GETs of this command are audited like the node's
+    try:
+        failed = _pull(settings, engine, ingest, audit, route, study, since, modality, source)
+    finally:
+        audit.stop()
+        engine.dispose()
+    if failed:
+        raise typer.Exit(1)
+
+
+def _pull(
+    settings: Settings,
+    engine: Engine,
+    ingest: Ingest,
+    audit: AuditTrail,
+    route: str,
+    study: str | None,
+    since: datetime | None,
+    modality: str | None,
+    source: str | None,
+) -> list[Retrieved]:
+    """Query the source and retrieve what matched, with a progress bar; the failed ones."""
+    from dicom_ai_node.retrieve import RetrieveError, Sources, retrieve_studies
+
     sources = Sources(
         tuple(settings.sources),
         frozenset(r.name for r in settings.routes),
         settings.dicom.ae_title,
         ingest,
+        audit,
     )
     try:
         retriever = sources.retriever(route, source)
@@ -112,9 +144,7 @@ def run(
     for outcome in failed:
         err.print(f"[red]failed[/red] {outcome.study_instance_uid}: {outcome.error}")
     console.print(f"retrieved {len(matches) - len(failed)} of {len(matches)} studies from {pacs}")
-    engine.dispose()
-    if failed:
-        raise typer.Exit(1)
+    return failed
 
 
 def export(
@@ -151,7 +181,7 @@ def export(
         with session_factory(engine).begin() as session:
             done = export_jobs(
                 session,
-                Spool(settings.storage.data_dir),
+                Spool(settings.storage.data_dir, settings.node_name),
                 route,
                 since.replace(tzinfo=UTC),
                 out,

@@ -138,6 +138,7 @@ class Node:
                 frozenset(route.name for route in settings.routes),
                 settings.dicom.ae_title,
                 self.scp.ingest,
+                self.audit,
             ),
         )
         self.notifier = Notifier(

@@ -11,6 +11,7 @@ TLS, certificate).
 
 from __future__ import annotations
 
+import base64
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ class Code:
 APPLICATION_ACTIVITY = Code("110100", "Application Activity")
 INSTANCES_ACCESSED = Code("110103", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = Code("110104", "DICOM Instances Transferred")
+QUERY = Code("110112", "Query")
 SECURITY_ALERT = Code("110113", "Security Alert")
 USER_AUTHENTICATED = Code("110114", "User Authenticated")
 LOGIN = Code("110122", "Login")
@@ -45,6 +47,7 @@ DESTINATION = Code("110152", "Destination Role ID")
 SOURCE = Code("110153", "Source Role ID")
 APPLICATION = Code("110150", "Application")
 STUDY_INSTANCE_UID = Code("110180", "Study Instance UID")
+SOP_CLASS_UID = Code("110181", "SOP Class UID")
 PATIENT_NUMBER = Code("2", "Patient Number", "RFC-3881")
 NODE_ID = Code("110182", "Node ID")
 
@@ -71,7 +74,8 @@ class ParticipantObject:
     """A ParticipantObjectIdentification: what the event was about (a study, a patient...).
 
     ``sop_classes`` maps SOP Class UIDs to their number of instances (the DICOM ``SOPClass``
-    element of a study object)."""
+    element of a study object); ``query`` is a query's identifier as sent and ``details``
+    ParticipantObjectDetail type/value pairs (both base64-encoded in the XML)."""
 
     object_id: str
     type_code: int
@@ -80,6 +84,8 @@ class ParticipantObject:
     name: str = ""
     description: str = ""
     sop_classes: Mapping[str, int] = field(default_factory=dict)
+    query: bytes = b""
+    details: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,11 @@ def to_xml(event: AuditEvent, source_id: str, site_id: str = "") -> str:
             ET.SubElement(obj, "ParticipantObjectName").text = o.name
         if o.description:
             ET.SubElement(obj, "ParticipantObjectDescription").text = o.description
+        if o.query:
+            ET.SubElement(obj, "ParticipantObjectQuery").text = base64.b64encode(o.query).decode()
+        for kind, value in o.details.items():
+            encoded = base64.b64encode(value.encode()).decode()
+            ET.SubElement(obj, "ParticipantObjectDetail", {"type": kind, "value": encoded})
         for uid, count in sorted(o.sop_classes.items()):
             ET.SubElement(obj, "SOPClass", {"UID": uid, "NumberOfInstances": str(count)})
     return ET.tostring(root, encoding="unicode")
@@ -304,4 +315,37 @@ def created_event(
         at,
         [Participant(process, True, APPLICATION)],
         study_objects(study_uid, patient_id, sop_classes),
+    )
+
+
+def query_event(
+    requestor: Peer,
+    responder: Peer,
+    sop_class: str,
+    query: bytes,
+    transfer_syntax: str,
+    at: datetime,
+    outcome: int = SUCCESS,
+) -> AuditEvent:
+    """The node queried a peer (A.5.3.10): the Query/Retrieve SOP Class used, the identifier
+    as sent (``query``, encoded in ``transfer_syntax``)."""
+    return AuditEvent(
+        QUERY,
+        "E",
+        outcome,
+        at,
+        [
+            Participant(requestor.ae_title, True, SOURCE, address=requestor.address),
+            Participant(responder.ae_title, False, DESTINATION, address=responder.address),
+        ],
+        [
+            ParticipantObject(
+                sop_class,
+                SYSTEM_OBJECT,
+                ROLE_REPORT,
+                SOP_CLASS_UID,
+                query=query,
+                details={"TransferSyntax": transfer_syntax},
+            )
+        ],
     )

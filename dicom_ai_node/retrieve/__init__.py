@@ -15,6 +15,10 @@ arrives like anything pushed; its series are routed by the requested route only
 (``requested_routes``). :func:`retrieve_studies` retrieves several studies
 with at most ``max_associations`` at once, paces them to ``max_instances_per_second`` and
 records each in the job log.
+
+With an :class:`~dicom_ai_node.audit.trail.AuditTrail`, each C-FIND is audited as a Query
+(PS3.15 A.5.3.10) and what a C-GET brought as DICOM Instances Transferred (A.5.3.4); what a
+C-MOVE brings arrives on the listener's own associations, which audit it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +34,9 @@ from datetime import date
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -38,6 +46,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import Engine
 
+from dicom_ai_node.audit.messages import (
+    SERIOUS_FAILURE,
+    SUCCESS,
+    Peer,
+    query_event,
+    transferred_event,
+)
+from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import SourceSettings
 from dicom_ai_node.jobs.models import RequestedRoute, utcnow
 from dicom_ai_node.jobs.store import add_event, upsert_for
@@ -119,19 +135,37 @@ def study_query(
     return ds
 
 
+def _encoded(identifier: Dataset) -> bytes:
+    """A C-FIND identifier as sent on the wire (Explicit VR Little Endian), for the audit."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, identifier)
+    return buffer.getvalue()
+
+
 class Retriever:
     """Queries and retrieves from one source as ``calling_ae_title`` (the node's AE title,
-    which is also the C-MOVE destination). ``ingest`` stores what C-GET brings."""
+    which is also the C-MOVE destination). ``ingest`` stores what C-GET brings; ``audit``
+    records the queries and what C-GET brought."""
 
     def __init__(
-        self, source: SourceSettings, calling_ae_title: str, ingest: Ingest | None = None
+        self,
+        source: SourceSettings,
+        calling_ae_title: str,
+        ingest: Ingest | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         if source.retrieve == "get" and ingest is None:
             raise ValueError("C-GET needs an Ingest to store into")
         self.source = source
         self.calling_ae_title = calling_ae_title
         self.ingest = ingest
+        self.audit = audit
         self._tls = peer_context(source, "sources")
+        self._peer = Peer(source.ae_title, source.host)
+        self._lock = threading.Lock()
+        # study -> (patient ID, SOP Class UID -> instances) of what C-GET stored, for the audit
+        self._got: dict[str, tuple[str, Counter[str]]] = {}
 
     def _associate(self, ae: AE, **kwargs: Any) -> Association:
         s = self.source
@@ -155,8 +189,9 @@ class Retriever:
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         assoc = self._associate(ae)
         matches: list[StudyMatch] = []
+        query = study_query(study_instance_uid, since, modality)
+        outcome = SERIOUS_FAILURE
         try:
-            query = study_query(study_instance_uid, since, modality)
             for status, identifier in assoc.send_c_find(
                 query, StudyRootQueryRetrieveInformationModelFind
             ):
@@ -167,9 +202,22 @@ class Retriever:
                     matches.append(_match(identifier))
                 elif code != 0x0000:
                     raise RetrieveError(f"C-FIND answered {_hex(code)}")
+            outcome = SUCCESS
         finally:
             if assoc.is_established:
                 assoc.release()
+            if self.audit is not None:
+                self.audit.record(
+                    query_event(
+                        Peer(self.calling_ae_title, ""),
+                        self._peer,
+                        str(StudyRootQueryRetrieveInformationModelFind),
+                        _encoded(query),
+                        str(ExplicitVRLittleEndian),
+                        utcnow(),
+                        outcome,
+                    )
+                )
         return matches
 
     def retrieve(self, study_instance_uid: str, on_progress: Progress | None = None) -> Retrieved:
@@ -221,6 +269,7 @@ class Retriever:
         finally:
             if assoc.is_established:
                 assoc.release()
+            self._audit_got(study_instance_uid)
         if last is None:
             why = "aborted the association" if assoc.is_aborted else "did not answer"
             return Retrieved(
@@ -252,11 +301,36 @@ class Retriever:
             transfer_syntax_uid=str(event.context.transfer_syntax),
         )
         if stored.ok:
+            if stored.header is not None:
+                with self._lock:
+                    _, counts = self._got.setdefault(
+                        stored.header.study_instance_uid, (stored.header.patient_id, Counter())
+                    )
+                    counts[stored.header.sop_class_uid] += 1
             return 0x0000
         status = Dataset()
         status.Status = stored.status
         status.ErrorComment = stored.reason[:64]
         return status
+
+    def _audit_got(self, study_instance_uid: str) -> None:
+        """Audit the instances of the study a C-GET brought (A.5.3.4: the node received them)."""
+        with self._lock:
+            got = self._got.pop(study_instance_uid, None)
+        if got is None or self.audit is None:
+            return
+        patient_id, counts = got
+        self.audit.record(
+            transferred_event(
+                self._peer,
+                Peer(self.calling_ae_title, ""),
+                study_instance_uid,
+                patient_id,
+                counts,
+                utcnow(),
+                received=True,
+            )
+        )
 
 
 def _hex(code: int | None) -> str:
@@ -344,6 +418,7 @@ class Sources:
     routes: frozenset[str]
     ae_title: str
     ingest: Ingest
+    audit: AuditTrail | None = None
 
     def retriever(self, route: str, name: str | None = None) -> Retriever:
         """The retriever of source ``name`` (the first when ``None``) for a known ``route``;
@@ -355,6 +430,6 @@ class Sources:
             raise LookupError("sources: none configured; add a [[sources]] table")
         for source in self.sources:
             if name is None or source.name == name:
-                return Retriever(source, self.ae_title, self.ingest)
+                return Retriever(source, self.ae_title, self.ingest, self.audit)
         known = ", ".join(s.name for s in self.sources)
         raise LookupError(f"sources: no source named {name!r} (known: {known})")

@@ -126,7 +126,7 @@ def create_app(
     )
     if ingest is not None:
         app.include_router(
-            stow_router(ingest, ingest.engine, metrics, stow_max_bytes),
+            stow_router(ingest, ingest.engine, metrics, stow_max_bytes, audit, name),
             dependencies=[Depends(authenticated)],
         )
     if sources is not None:

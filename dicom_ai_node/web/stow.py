@@ -21,6 +21,7 @@ import json
 import logging
 import mmap
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -32,6 +33,9 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
+from dicom_ai_node.audit.messages import Peer, transferred_event
+from dicom_ai_node.audit.trail import AuditTrail
+from dicom_ai_node.jobs.models import utcnow
 from dicom_ai_node.jobs.store import add_event
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.receive.ingest import Ingest, Stored
@@ -146,18 +150,46 @@ def http_status(outcomes: list[Stored]) -> int:
     return 200 if stored == len(outcomes) else 202 if stored else 409
 
 
-def stow_router(ingest: Ingest, engine: Engine, metrics: NodeMetrics, max_bytes: int) -> APIRouter:
-    """``POST /dicomweb/studies`` (the caller adds the token check)."""
+def stow_router(
+    ingest: Ingest,
+    engine: Engine,
+    metrics: NodeMetrics,
+    max_bytes: int,
+    audit: AuditTrail | None = None,
+    node_name: str = "",
+) -> APIRouter:
+    """``POST /dicomweb/studies`` (the caller adds the token check); with ``audit``, what a
+    request stored is audited per study as DICOM Instances Transferred (PS3.15 A.5.3.4)."""
     router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 
     def store_all(body: mmap.mmap, parts: list[Part], client: str) -> list[Stored]:
         outcomes = []
+        studies: dict[str, tuple[str, Counter[str]]] = {}
         for part in parts:
             stored = ingest.store(
                 body[part.start : part.end], association_id=None, calling_ae_title=SENDER
             )
             metrics.instance_received(SENDER, stored.status, stored.size)
             outcomes.append(stored)
+            if stored.ok and stored.header is not None:
+                header = stored.header
+                _, counts = studies.setdefault(
+                    header.study_instance_uid, (header.patient_id, Counter())
+                )
+                counts[header.sop_class_uid] += 1
+        if audit is not None:
+            for study, (patient_id, counts) in studies.items():
+                audit.record(
+                    transferred_event(
+                        Peer(SENDER, client),
+                        Peer(node_name, ""),
+                        study,
+                        patient_id,
+                        counts,
+                        utcnow(),
+                        received=True,
+                    )
+                )
         ok = sum(1 for s in outcomes if s.ok)
         with engine.begin() as connection:
             add_event(

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
@@ -13,11 +15,16 @@ from typing import Literal
 
 import httpx
 import pytest
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+)
 from sqlalchemy import select
 
 from dicom_ai_node.config import SourceSettings
-from dicom_ai_node.jobs.models import Event, Instance, Job
+from dicom_ai_node.jobs.models import AuditRecord, Event, Instance, Job
 from dicom_ai_node.node import Node
 from dicom_ai_node.retrieve import Retriever, retrieve_studies
 from tests.support.helpers import free_port, instance, make_settings, wait_for, write
@@ -105,13 +112,46 @@ def test_find_then_move_into_the_node(node: Node, pacs: Orthanc, tmp_path: Path)
     assert on_node(node, sops) == set(sops)  # the move returns once every sub-operation did
 
 
+def audited(node: Node, event_id: str, study: str) -> ET.Element | None:
+    """The audit message of ``event_id`` that names ``study`` (in the job log's audit table)."""
+    with node.sessions() as session:
+        messages = session.scalars(
+            select(AuditRecord.message).where(AuditRecord.event_id == event_id)
+        )
+        for message in messages:
+            if study.encode() in message.encode() or study in _queried_study(message):
+                return ET.fromstring(message)
+    return None
+
+
+def _queried_study(message: str) -> str:
+    """The Study Instance UID of a Query message's identifier (ParticipantObjectQuery)."""
+    query = ET.fromstring(message).find("ParticipantObjectIdentification/ParticipantObjectQuery")
+    if query is None or not query.text:
+        return ""
+    identifier = dcmread(DicomBytesIO(base64.b64decode(query.text)), force=True)
+    return str(identifier.get("StudyInstanceUID", ""))
+
+
 def test_get_stores_through_the_ingest(node: Node, pacs: Orthanc, tmp_path: Path) -> None:
-    _, sops = upload_study(pacs, tmp_path, 2, modality="MR")
-    retriever = Retriever(source(pacs, "get"), node.settings.dicom.ae_title, node.scp.ingest)
+    study, sops = upload_study(pacs, tmp_path, 2, modality="MR")
+    retriever = Retriever(
+        source(pacs, "get"), node.settings.dicom.ae_title, node.scp.ingest, node.audit
+    )
     found = retriever.find(since=date(2026, 12, 1), modality="MR")
     (outcome,) = retrieve_studies(retriever, found, "ct", node.engine)
     assert (outcome.ok, outcome.completed) == (True, 2)
     assert on_node(node, sops) == set(sops)
+    # PS3.15 A.5.3.4: what the C-GET brought, the node receiving (C) from the PACS (source)
+    message = wait_for(lambda: audited(node, "110104", study))
+    assert message.find("EventIdentification").get("EventActionCode") == "C"  # type: ignore[union-attr]
+    roles = {
+        p.get("UserID"): p.find("RoleIDCode").get("csd-code")  # type: ignore[union-attr]
+        for p in message.findall("ActiveParticipant")
+    }
+    assert roles == {pacs.aet: "110153", node.settings.dicom.ae_title: "110152"}
+    (counted,) = message.findall("ParticipantObjectIdentification/SOPClass")
+    assert counted.get("NumberOfInstances") == "2"
 
 
 def test_pacs_that_refuses_the_move(node: Node, pacs: Orthanc, tmp_path: Path) -> None:
@@ -183,6 +223,13 @@ def test_api_pulls_in_the_background(node: Node, pacs: Orthanc, tmp_path: Path) 
     assert pulled.status_code == 202, pulled.text
     assert pulled.json() == {"source": "pacs", "studies": [study]}
     wait_for(lambda: on_node(node, sops) == set(sops), timeout=30)
+    # PS3.15 A.5.3.10: the C-FIND, its SOP Class and the identifier as sent
+    query = wait_for(lambda: audited(node, "110112", study))
+    (asked,) = query.findall("ParticipantObjectIdentification")
+    assert asked.get("ParticipantObjectID") == str(StudyRootQueryRetrieveInformationModelFind)
+    assert asked.find("ParticipantObjectIDTypeCode").get("csd-code") == "110181"  # type: ignore[union-attr]
+    detail = asked.find("ParticipantObjectDetail")
+    assert detail is not None and detail.get("type") == "TransferSyntax"
     unknown = api.post("/api/pull", json={"route": "ct", "study": generate_uid()})
     assert unknown.status_code == 404
     assert "holds no matching study" in unknown.json()["detail"]

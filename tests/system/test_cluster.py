@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from alembic.config import Config
 from alembic.script import ScriptDirectory
 from pydicom import Dataset
 from pydicom.uid import generate_uid
@@ -127,9 +126,7 @@ def test_three_nodes_start_together_on_a_fresh_database_and_share_the_work(
         with engine.connect() as connection:
             versions = connection.execute(text("SELECT version_num FROM alembic_version")).all()
             names = connection.execute(select(NodeRecord.name).order_by(NodeRecord.name)).all()
-        config = Config()
-        config.set_main_option("script_location", str(MIGRATIONS))
-        assert [v for (v,) in versions] == [ScriptDirectory.from_config(config).get_current_head()]
+        assert [v for (v,) in versions] == [ScriptDirectory(str(MIGRATIONS)).get_current_head()]
         assert [n for (n,) in names] == ["node-0", "node-1", "node-2"]
 
         study = generate_uid()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from dicom_ai_node.jobs.models import Event, Instance
+from dicom_ai_node.jobs.models import AuditRecord, Event, Instance
 from dicom_ai_node.node import Node
 from tests.support.helpers import instance, make_settings, wait_for, write
 from tests.support.joblog import TOKEN
@@ -85,6 +86,16 @@ def test_instances_stored_and_referenced(node: Node, tmp_path: Path) -> None:
     with node.sessions() as session:
         events = session.scalars(select(Event.message).where(Event.kind == "stow_received"))
         assert "2 of 2 instances stored" in " ".join(events)
+
+    def audited() -> str | None:  # PS3.15 A.5.3.4: instances received (C) by STOW-RS
+        with node.sessions() as session:
+            query = select(AuditRecord.message).where(AuditRecord.event_id == "110104")
+            return next((m for m in session.scalars(query) if str(study) in m), None)
+
+    message = ET.fromstring(wait_for(audited))
+    assert message.find("EventIdentification").get("EventActionCode") == "C"  # type: ignore[union-attr]
+    (counted,) = message.findall("ParticipantObjectIdentification/SOPClass")
+    assert counted.get("NumberOfInstances") == "2"
 
 
 def test_some_parts_not_dicom_answer_202_with_reasons(node: Node, tmp_path: Path) -> None:
