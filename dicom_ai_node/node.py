@@ -36,13 +36,13 @@ from dicom_ai_node.jobs.nodes import (
 )
 from dicom_ai_node.jobs.queue import AttemptLimits, recover, worker_id
 from dicom_ai_node.jobs.worker import Worker
+from dicom_ai_node.metrics import NodeMetrics
+from dicom_ai_node.notify import Notifier
 from dicom_ai_node.receive.record import reindex
 from dicom_ai_node.receive.scp import StorageSCP
 from dicom_ai_node.retrieve import Sources
 from dicom_ai_node.runner import JobRunner
 from dicom_ai_node.spool import Spool
-from dicom_ai_node.web.metrics import NodeMetrics
-from dicom_ai_node.web.notify import Notifier
 from dicom_ai_node.web.server import HttpServer
 
 if TYPE_CHECKING:

@@ -19,12 +19,14 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal
 
+from pydantic import BaseModel
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dicom_ai_node.jobs.crashes import CrashLookup, summary
-from dicom_ai_node.jobs.models import Feedback, Job, JobState, utcnow
+from dicom_ai_node.jobs.models import Delivery, DeliveryState, Feedback, Job, JobState, utcnow
 from dicom_ai_node.jobs.store import add_event, upsert
 
 
@@ -426,3 +428,48 @@ def retry(session: Session, job_id: int) -> Job:
     )
     session.refresh(job)
     return job
+
+
+def resend(session: Session, job_id: int) -> int:
+    """Make a job's failed deliveries pending again (operator retry); returns how many."""
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.job_id == job_id,
+            Delivery.state == DeliveryState.FAILED.value,
+        )
+        .values(state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    count = int(result.rowcount)  # type: ignore[attr-defined]
+    if count:
+        transition(
+            session,
+            job_id,
+            JobState.DELIVERING,
+            f"job {job_id}: {count} failed deliveries queued again by an operator",
+        )
+    return count
+
+
+class RetryOutcome(BaseModel):
+    job_id: int
+    action: Literal["requeued", "resend"]
+    deliveries: int
+    state: str
+
+
+def retry_job(session: Session, job_id: int) -> RetryOutcome:
+    """The operator's retry (``dicom-ai-node jobs retry``, the API and the dashboard alike):
+    re-send the failed deliveries of a job that failed to deliver, else run the job again.
+    Raises ``LookupError`` for an unknown job and ``ValueError`` for one that cannot be
+    retried now."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise LookupError(f"no job {job_id}")
+    if job.state == JobState.FAILED_TO_DELIVER.value:
+        count = resend(session, job_id)
+        session.refresh(job)
+        return RetryOutcome(job_id=job_id, action="resend", deliveries=count, state=job.state)
+    job = retry(session, job_id)
+    return RetryOutcome(job_id=job_id, action="requeued", deliveries=0, state=job.state)

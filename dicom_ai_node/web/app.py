@@ -14,12 +14,12 @@ from dicom_ai_node.audit.messages import alert_event, login_event
 from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DestinationSettings
 from dicom_ai_node.jobs.models import utcnow
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.receive.ingest import Ingest
 from dicom_ai_node.retrieve import Sources
 from dicom_ai_node.web.api import WebContext, api_router, public_router
 from dicom_ai_node.web.auth import AuthError, TokenAuth
 from dicom_ai_node.web.dashboard import PullChoices, dashboard_router, login_page
-from dicom_ai_node.web.metrics import NodeMetrics
 from dicom_ai_node.web.pull import pull_router
 from dicom_ai_node.web.stow import stow_router
 

@@ -19,10 +19,11 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy.orm import Session
 
 from dicom_ai_node.infer.prediction import percent
+from dicom_ai_node.jobs import stats
 from dicom_ai_node.jobs.models import JobState
-from dicom_ai_node.jobs.queue import add_feedback
+from dicom_ai_node.jobs.queue import add_feedback, retry_job
 from dicom_ai_node.web import queries
-from dicom_ai_node.web.api import WebContext, retry_job
+from dicom_ai_node.web.api import WebContext
 
 PAGE_SIZE = 50
 WORKLIST_HOURS = (12, 24, 72, 168)
@@ -82,7 +83,7 @@ def dashboard_router(
 
     def render(request: Request, name: str, refresh: bool, **values: Any) -> HTMLResponse:
         with ctx.reads() as session:
-            depth = queries.queue_depth(session)
+            depth = stats.queue_depth(session)
         return pages.TemplateResponse(
             request,
             name,
@@ -166,10 +167,10 @@ def dashboard_router(
         return render(
             request,
             "job.html",
-            job.state in queries.PENDING_STATES or job.state == JobState.DELIVERING.value,
+            job.state in stats.PENDING_STATES or job.state == JobState.DELIVERING.value,
             job=job,
             sc=[r for r in job.results if r.kind == "sc"],
-            retryable=job.state not in (*queries.PENDING_STATES, JobState.SKIPPED.value),
+            retryable=job.state not in (*stats.PENDING_STATES, JobState.SKIPPED.value),
             retried=retried,
         )
 
@@ -191,7 +192,7 @@ def dashboard_router(
     @router.get("/drift", response_class=HTMLResponse)
     def drift_page(request: Request) -> HTMLResponse:
         with ctx.reads() as session:
-            rates = queries.positive_rates(session, days=30)
+            rates = stats.positive_rates(session, days=30)
         expected = ctx.metrics.expected
         rows = [
             (r, e if (e := expected.get(r.model)) and e.version == r.version else None)
