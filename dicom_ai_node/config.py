@@ -366,6 +366,11 @@ class RouteSettings(_Section):
         default=False,
         description="Shadow mode: run the model and record its results, deliver and notify nothing",
     )
+    fetch_missing: str | None = Field(
+        default=None,
+        description="Study level: the [[sources]] name asked for series the node lacks "
+        "before the study's job is queued",
+    )
 
     @field_validator("where")
     @classmethod
@@ -476,6 +481,14 @@ class Settings(BaseSettings):
         for i, route in enumerate(self.routes):
             if route.name in route_names[:i]:
                 raise ValueError(f"routes[{i}].name: duplicate route name {route.name!r}")
+            if route.fetch_missing is not None:
+                if route.level != "study":
+                    raise ValueError(f'routes[{i}].fetch_missing: only for level = "study"')
+                if route.fetch_missing not in sources:
+                    raise ValueError(
+                        f"routes[{i}].fetch_missing: unknown source {route.fetch_missing!r} "
+                        f"(known: {', '.join(sources) or 'none'})"
+                    )
             for dest in route.destinations:
                 if dest not in names and dest != "outbox":
                     raise ValueError(

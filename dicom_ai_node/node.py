@@ -119,6 +119,13 @@ class Node:
             on_outcome=self._dispatched,
             on_delivered=lambda seconds: self.metrics.end_to_end_seconds(seconds, "delivered"),
         )
+        sources = Sources(
+            tuple(settings.sources),
+            frozenset(route.name for route in settings.routes),
+            settings.dicom.ae_title,
+            self.scp.ingest,
+            self.audit,
+        )
         self.http = HttpServer(
             self.sessions,
             read_sessions=self.read_sessions,
@@ -133,13 +140,7 @@ class Node:
             audit=self.audit,
             ingest=self.scp.ingest,
             stow_max_bytes=int(settings.http.stow_max_mb * 2**20),
-            sources=Sources(
-                tuple(settings.sources),
-                frozenset(route.name for route in settings.routes),
-                settings.dicom.ae_title,
-                self.scp.ingest,
-                self.audit,
-            ),
+            sources=sources,
         )
         self.notifier = Notifier(
             self.sessions,
@@ -156,6 +157,7 @@ class Node:
             self.spool,
             retention_days=settings.storage.retention_days,
             on_queued=self.worker.wake,
+            fetch_missing=sources.fetch_missing,
         )
         self._reindex_before: float | None = None
         self.heartbeat = Heartbeat(

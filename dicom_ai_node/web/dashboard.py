@@ -7,6 +7,7 @@ meta refresh: it works offline, behind any proxy, in any browser a hospital has.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
@@ -63,9 +64,20 @@ def templates() -> Jinja2Templates:
     return Jinja2Templates(env=env)
 
 
-def dashboard_router(ctx: WebContext, refresh_seconds: int, csrf_token: str) -> APIRouter:
+@dataclass(frozen=True)
+class PullChoices:
+    """What the job list's pull form offers: the routes and the configured sources."""
+
+    routes: list[str]
+    sources: list[str]
+
+
+def dashboard_router(
+    ctx: WebContext, refresh_seconds: int, csrf_token: str, pull: PullChoices | None = None
+) -> APIRouter:
     """The HTML pages (the caller adds the token check); ``csrf_token`` goes in their forms
-    that change state (see ``auth.py``)."""
+    that change state (see ``auth.py``); with ``pull``, the job list has a form that pulls
+    studies from a source (posted to ``/jobs/pull``, see ``pull.py``)."""
     router = APIRouter(include_in_schema=False)
     pages = templates()
 
@@ -110,6 +122,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int, csrf_token: str) -> 
         label: str = "",
         since: str = "",
         page: Annotated[int, Query(ge=1)] = 1,
+        pulled: str = "",
     ) -> HTMLResponse:
         start = _parse_date(since)
         where = queries.JobFilter(
@@ -140,6 +153,8 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int, csrf_token: str) -> 
             pages=max(1, -(-found.total // PAGE_SIZE)),
             page_link=page_link,
             bad_since=bool(since) and start is None,
+            pull=pull,
+            pulled=pulled,
         )
 
     @router.get("/jobs/{job_id}", response_class=HTMLResponse)
