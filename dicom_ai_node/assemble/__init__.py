@@ -23,6 +23,7 @@ those another holds, and the job log's unique job key settles any race left.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -192,16 +193,15 @@ def complete_series(
     return [replace(c, requested_routes=requested.get(c.study_instance_uid, ())) for c in completed]
 
 
-def complete_studies(
-    session: Session, now: datetime, stable_seconds: float
-) -> list[CompletedStudy]:
-    """Mark complete, and return, the studies whose series are all complete and quiet."""
+def _ready_studies(session: Session, now: datetime, stable_seconds: float) -> Sequence[Study]:
+    """The receiving studies whose series are all complete and quiet (locked, skipping rows
+    another node holds)."""
     cutoff = now - timedelta(seconds=stable_seconds)
     series_open = exists().where(
         Series.study_instance_uid == Study.study_instance_uid,
         Series.state != SeriesState.COMPLETE.value,
     )
-    ready = session.scalars(
+    return session.scalars(
         select(Study)
         .where(
             Study.state == SeriesState.RECEIVING.value,
@@ -210,10 +210,12 @@ def complete_studies(
         )
         .with_for_update(skip_locked=True, of=Study)
     ).all()
-    studies = []
+
+
+def _as_studies(session: Session, ready: Sequence[Study]) -> list[CompletedStudy]:
     requested = _requested(session, {study.study_instance_uid for study in ready})
+    studies = []
     for study in ready:
-        study.state = SeriesState.COMPLETE.value
         members = session.scalars(
             select(Series).where(Series.study_instance_uid == study.study_instance_uid)
         ).all()
@@ -226,3 +228,27 @@ def complete_studies(
             )
         )
     return studies
+
+
+def ready_studies(session: Session, now: datetime, stable_seconds: float) -> list[CompletedStudy]:
+    """The studies :func:`complete_studies` would complete now, without marking them: a look
+    before completing (to fetch missing series first)."""
+    return _as_studies(session, _ready_studies(session, now, stable_seconds))
+
+
+def complete_studies(
+    session: Session, now: datetime, stable_seconds: float
+) -> list[CompletedStudy]:
+    """Mark complete, and return, the studies whose series are all complete and quiet."""
+    ready = _ready_studies(session, now, stable_seconds)
+    for study in ready:
+        study.state = SeriesState.COMPLETE.value
+    return _as_studies(session, ready)
+
+
+def leave_receiving(session: Session, study_instance_uid: str) -> None:
+    """Undo :func:`complete_studies` for one study in the same transaction: it stays
+    receiving (and completes at a later pass)."""
+    study = session.get(Study, study_instance_uid)
+    if study is not None:
+        study.state = SeriesState.RECEIVING.value

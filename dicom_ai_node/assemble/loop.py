@@ -4,9 +4,11 @@ It takes what it works with explicitly (the job log, the rules, the spool) and t
 runs it that jobs were queued through ``on_queued``; it knows nothing of the worker.
 
 A study-level rule with ``fetch_missing`` first asks ``fetch_missing`` (source, study,
-instances the node holds per series, route) for what the source holds more of, outside the
-job log's transaction; when it fetched series, the job waits for the study to complete again
-with them (a new generation), otherwise it is queued now.
+instances the node holds per series, route) for what the source holds more of, before the
+study is marked complete and outside the job log's transaction: the fetched series join the
+study, which completes (and gets its job) with them. Until that look is done for a study's
+generation, the study is left receiving, so a node that stops in between loses nothing: it
+looks again. A look that fetched nothing new is not repeated for the same generation.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_ai_node.assemble import CompletedStudy, complete_series, complete_studies
+from dicom_ai_node.assemble import (
+    CompletedStudy,
+    complete_series,
+    complete_studies,
+    leave_receiving,
+    ready_studies,
+)
 from dicom_ai_node.config import AssembleSettings, RouteSettings
 from dicom_ai_node.jobs.loop import PollingLoop
 from dicom_ai_node.jobs.models import utcnow
@@ -60,6 +68,7 @@ class Assembler(PollingLoop):
         self.on_queued = on_queued
         self.fetch_missing = fetch_missing
         self._fetch_from = {r.name: r.fetch_missing for r in rules if r.fetch_missing}
+        self._looked: set[tuple[str, int]] = set()  # (study, generation) looked at for missing
         self._next_prune = 0.0
 
     def run_once(self) -> bool:
@@ -82,7 +91,8 @@ class Assembler(PollingLoop):
         """Complete what is complete and queue its jobs; returns how many jobs were queued."""
         stable = self.settings.stable_seconds
         queued = 0
-        waiting: list[tuple[CompletedStudy, JobSpec]] = []
+        if self.fetch_missing is not None and self._fetch_from:
+            self._look_for_missing(stable)
         with self.sessions.begin() as session:
             now = utcnow()
             for series in complete_series(session, now, stable):
@@ -124,20 +134,41 @@ class Assembler(PollingLoop):
                     )
                     queued += 1
             for study in complete_studies(session, now, stable):
-                specs = plan_study(self.rules, study)
-                if self.fetch_missing is not None:
-                    waiting += [(study, s) for s in specs if s.route in self._fetch_from]
-                    specs = [s for s in specs if s.route not in self._fetch_from]
-                queued += self._enqueue_study(session, specs)
-        for study, spec in waiting:
-            assert self.fetch_missing is not None
-            held = {s.series_instance_uid: s.instance_count for s in study.series}
-            source = self._fetch_from[spec.route]
-            if self.fetch_missing(source, study.study_instance_uid, held, spec.route):
-                continue  # queued when the study completes again, with what was fetched
-            with self.sessions.begin() as session:
-                queued += self._enqueue_study(session, [spec])
+                if self._not_looked_at(study):  # ready since the look: looked at next pass
+                    leave_receiving(session, study.study_instance_uid)
+                    continue
+                queued += self._enqueue_study(session, plan_study(self.rules, study))
         return queued
+
+    def _fetch_routes(self, study: CompletedStudy) -> list[JobSpec]:
+        return [s for s in plan_study(self.rules, study) if s.route in self._fetch_from]
+
+    def _not_looked_at(self, study: CompletedStudy) -> bool:
+        key = (study.study_instance_uid, study.generation)
+        return (
+            self.fetch_missing is not None
+            and bool(self._fetch_routes(study))
+            and (key not in self._looked)
+        )
+
+    def _look_for_missing(self, stable: float) -> None:
+        """For each study ready now on a ``fetch_missing`` route, fetch what its source holds
+        more of, before the study is marked complete (outside the job log's transaction)."""
+        assert self.fetch_missing is not None
+        with self.sessions() as session:
+            ready = ready_studies(session, utcnow(), stable)
+        for study in ready:
+            key = (study.study_instance_uid, study.generation)
+            if key in self._looked:
+                continue
+            held = {s.series_instance_uid: s.instance_count for s in study.series}
+            for spec in self._fetch_routes(study):
+                self.fetch_missing(
+                    self._fetch_from[spec.route], study.study_instance_uid, held, spec.route
+                )
+            self._looked.add(key)
+        if len(self._looked) > 100_000:
+            self._looked.clear()  # at worst a study is looked at once more
 
     @staticmethod
     def _enqueue_study(session: Session, specs: Sequence[JobSpec]) -> int:
