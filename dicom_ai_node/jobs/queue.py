@@ -14,6 +14,7 @@ that expired) does not, up to ``max_interruptions`` in a row as a backstop.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -24,8 +25,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dicom_ai_node.jobs.crashes import CrashLookup, summary
-from dicom_ai_node.jobs.models import Feedback, Job, JobState, utcnow
+from dicom_ai_node.jobs.models import Delivery, DeliveryState, Feedback, Job, JobState, utcnow
 from dicom_ai_node.jobs.store import add_event, upsert
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -426,3 +429,31 @@ def retry(session: Session, job_id: int) -> Job:
     )
     session.refresh(job)
     return job
+
+
+def settle_job(session: Session, job_id: int) -> bool:
+    """Close a delivering job once none of its deliveries is pending or awaiting its
+    storage commitment; ``True`` if done."""
+    job = session.get(Job, job_id)
+    if job is None or job.state != JobState.DELIVERING.value:
+        return False
+    states = set(session.scalars(select(Delivery.state).where(Delivery.job_id == job_id)).all())
+    if states & {DeliveryState.PENDING.value, DeliveryState.SENT.value}:
+        return False
+    if DeliveryState.FAILED.value in states:
+        transition(
+            session,
+            job_id,
+            JobState.FAILED_TO_DELIVER,
+            f"job {job_id}: some results could not be delivered",
+            error="delivery failed",
+        )
+        log.warning(
+            "job %d failed_to_deliver: some results could not be delivered",
+            job_id,
+            extra={"job_id": job_id},
+        )
+        return False
+    transition(session, job_id, JobState.DONE, f"job {job_id}: all results delivered")
+    log.info("job %d done: all results delivered", job_id, extra={"job_id": job_id})
+    return True

@@ -39,12 +39,16 @@ Triage = Literal["positive", "pending", "failed", "negative"]
 TRIAGE_ORDER: tuple[Triage, ...] = ("positive", "pending", "failed", "negative")
 
 
+_STORED = (DeliveryState.SENT.value, DeliveryState.DONE.value)
+
+
 class DeliveryStatus(BaseModel):
     """A job's results to one destination: the worst state of its deliveries."""
 
     destination: str
     state: str
     delivered: int
+    committed: int  # confirmed by the peer's storage commitment (PS3.4 Annex J)
     total: int
     attempts: int
     last_error: str | None
@@ -139,6 +143,8 @@ class DestinationStatus(BaseModel):
     pending: int
     failed: int
     delivered: int
+    sent: int  # stored by the peer (done, or awaiting its storage commitment)
+    committed: int  # of those, confirmed by the peer's storage commitment
     last_success_at: datetime | None
     last_failure_at: datetime | None
     last_error: str | None
@@ -198,7 +204,8 @@ def _filtered(query: Select[*Columns], where: JobFilter) -> Select[*Columns]:
 
 
 def _delivery_status(session: Session, job_ids: Sequence[int]) -> dict[int, list[DeliveryStatus]]:
-    """Per job and destination: failed if any failed, else pending if any pending, else done."""
+    """Per job and destination: failed if any failed, else pending if any pending, else sent
+    (awaiting storage commitment) if any sent, else done."""
     found: dict[int, dict[str, list[Delivery]]] = {}
     if job_ids:
         for delivery in session.scalars(
@@ -213,7 +220,12 @@ def _delivery_status(session: Session, job_ids: Sequence[int]) -> dict[int, list
             states = {row.state for row in rows}
             state = next(
                 s.value
-                for s in (DeliveryState.FAILED, DeliveryState.PENDING, DeliveryState.DONE)
+                for s in (
+                    DeliveryState.FAILED,
+                    DeliveryState.PENDING,
+                    DeliveryState.SENT,
+                    DeliveryState.DONE,
+                )
                 if s.value in states
             )
             errors = [row.last_error for row in rows if row.last_error and row.state != "done"]
@@ -221,7 +233,8 @@ def _delivery_status(session: Session, job_ids: Sequence[int]) -> dict[int, list
                 DeliveryStatus(
                     destination=destination,
                     state=state,
-                    delivered=sum(row.state == DeliveryState.DONE.value for row in rows),
+                    delivered=sum(row.state in _STORED for row in rows),
+                    committed=sum(row.committed_at is not None for row in rows),
                     total=len(rows),
                     attempts=max(row.attempts for row in rows),
                     last_error=errors[-1] if errors else None,
@@ -385,6 +398,13 @@ def destinations(
         )
     ):
         counts.setdefault(name, {})[state] = count
+    committed = dict(
+        session.execute(
+            select(Delivery.destination, func.count())
+            .where(Delivery.committed_at.is_not(None))
+            .group_by(Delivery.destination)
+        ).all()
+    )
     last_success = dict(
         session.execute(
             select(Delivery.destination, func.max(Delivery.delivered_at)).group_by(
@@ -419,6 +439,9 @@ def destinations(
                 pending=states.get(DeliveryState.PENDING.value, 0),
                 failed=states.get(DeliveryState.FAILED.value, 0),
                 delivered=states.get(DeliveryState.DONE.value, 0),
+                sent=states.get(DeliveryState.DONE.value, 0)
+                + states.get(DeliveryState.SENT.value, 0),
+                committed=committed.get(name, 0),
                 last_success_at=success_at,
                 last_failure_at=failure_at,
                 last_error=failure.message if failure else None,
