@@ -11,6 +11,7 @@ know the node, so its answer never comes: the request times out and is retried, 
 from __future__ import annotations
 
 from collections.abc import Iterator
+
 import httpx
 import pytest
 from sqlalchemy import select
