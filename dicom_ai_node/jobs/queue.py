@@ -457,3 +457,20 @@ def settle_job(session: Session, job_id: int) -> bool:
     transition(session, job_id, JobState.DONE, f"job {job_id}: all results delivered")
     log.info("job %d done: all results delivered", job_id, extra={"job_id": job_id})
     return True
+
+
+def versions(session: Session, job: Job) -> list[Job]:
+    """Every run of ``job``'s series (or study) and route, oldest generation first: a series
+    that late instances reopened is processed again as a new generation, whose results
+    amend the earlier ones."""
+    query = select(Job).where(
+        Job.level == job.level,
+        Job.study_instance_uid == job.study_instance_uid,
+    )
+    query = query.where(
+        Job.series_instance_uid.is_(None)
+        if job.series_instance_uid is None
+        else Job.series_instance_uid == job.series_instance_uid
+    )
+    query = query.where(Job.route.is_(None) if job.route is None else Job.route == job.route)
+    return list(session.scalars(query.order_by(Job.generation, Job.id)).all())

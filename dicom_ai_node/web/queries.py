@@ -25,6 +25,7 @@ from dicom_ai_node.jobs.models import (
     Result,
     Study,
 )
+from dicom_ai_node.jobs.queue import versions
 from dicom_ai_node.web.models import Notification, NotificationState
 
 PENDING_STATES = (JobState.QUEUED.value, JobState.RUNNING.value)
@@ -121,9 +122,23 @@ class FeedbackOut(BaseModel):
     at: datetime
 
 
+class JobVersion(BaseModel):
+    """One run of a job's series and route: a series reopened by late instances is run
+    again (a new generation) and its SR amends the earlier one's."""
+
+    id: int
+    generation: int
+    state: str
+    label: str | None
+    probability: float | None
+    created_at: datetime
+    sr_uid: str | None
+
+
 class JobDetail(JobSummary):
     study_date: str
     study_description: str
+    versions: list[JobVersion]  # every run of the series and route, oldest first
     results: list[ResultOut]
     events: list[EventOut]
     notifications: list[NotificationOut]
@@ -311,10 +326,30 @@ def get_job(session: Session, job_id: int) -> JobDetail | None:
     notifications = session.scalars(
         select(Notification).where(Notification.job_id == job_id).order_by(Notification.id)
     ).all()
+    runs = versions(session, job)
+    srs = dict(
+        session.execute(
+            select(Result.job_id, Result.sop_instance_uid).where(
+                Result.job_id.in_([run.id for run in runs]), Result.kind == "sr"
+            )
+        ).all()
+    )
     return JobDetail(
         **_summary(row, _delivery_status(session, [job_id])),
         study_date=row[3] or "",
         study_description=row[4] or "",
+        versions=[
+            JobVersion(
+                id=run.id,
+                generation=run.generation,
+                state=run.state,
+                label=run.label,
+                probability=run.probability,
+                created_at=run.created_at,
+                sr_uid=srs.get(run.id),
+            )
+            for run in runs
+        ],
         results=[ResultOut.model_validate(r, from_attributes=True) for r in results],
         events=[EventOut.model_validate(e, from_attributes=True) for e in events],
         notifications=[
