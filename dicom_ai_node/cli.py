@@ -347,22 +347,15 @@ def jobs_retry(
     config: ConfigOption = None,
 ) -> None:
     """Run a failed job again, or re-send the results of one that failed to deliver."""
-    from dicom_ai_node.dispatch.deliveries import resend
-    from dicom_ai_node.jobs.models import Job, JobState
-    from dicom_ai_node.jobs.queue import retry
+    from dicom_ai_node.jobs.queue import retry_job
 
     with _db(config, write=True).begin() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            err.print(f"no job {job_id}")
-            raise typer.Exit(1)
-        if job.state == JobState.FAILED_TO_DELIVER.value:
-            count = resend(session, job_id)
-            console.print(f"job {job_id}: {count} deliveries queued again")
-            return
         try:
-            retry(session, job_id)
+            outcome = retry_job(session, job_id)
         except (LookupError, ValueError) as exc:
             err.print(str(exc))
             raise typer.Exit(1) from None
-    console.print(f"job {job_id} queued again")
+    if outcome.action == "resend":
+        console.print(f"job {job_id}: {outcome.deliveries} deliveries queued again")
+    else:
+        console.print(f"job {job_id} queued again")

@@ -162,10 +162,12 @@ def export(
 ) -> None:
     """Write the received images of a route's finished jobs, de-identified (PS3.15 Annex E
     Basic Profile, Retain Longitudinal Temporal Information, Clean Descriptors), into
-    OUT/<label>/, the layout `train --data OUT` reads; the pseudonym map stays in the job log."""
+    OUT/<label>/, the layout `train --data OUT` reads, labelled by the radiologists' feedback
+    where there is some, with OUT/labels.csv; the pseudonym map stays in the job log."""
     from datetime import UTC
 
-    from dicom_ai_node.export import export_jobs
+    from dicom_ai_node.export import LABELS_FILE, export_jobs
+    from dicom_ai_node.infer.runtime import read_cards
     from dicom_ai_node.jobs.db import session_factory
     from dicom_ai_node.spool import Spool
 
@@ -176,6 +178,10 @@ def export(
     if route not in {r.name for r in settings.routes}:
         err.print(f"[red]configuration error:[/red] routes: no route named {route!r}")
         raise typer.Exit(2)
+    model_labels = {
+        name: [label.name for label in card.labels]
+        for name, (_, card) in read_cards(settings.models.dirs).items()
+    }
     with Progress(TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), console=err) as bar:
         task = bar.add_task("export", total=None)
         with session_factory(engine).begin() as session:
@@ -185,10 +191,14 @@ def export(
                 route,
                 since.replace(tzinfo=UTC),
                 out,
+                model_labels,
                 lambda n: bar.advance(task, n),
             )
     engine.dispose()
     for sop, why in done.skipped.items():
         err.print(f"[yellow]left out[/yellow] {sop}: {why}")
     labels = ", ".join(f"{label} {count}" for label, count in sorted(done.files.items()))
-    console.print(f"exported {sum(done.files.values())} images to {out} ({labels or 'none'})")
+    console.print(
+        f"exported {sum(done.files.values())} images to {out} ({labels or 'none'}), "
+        f"labels of {done.series} series in {out / LABELS_FILE}"
+    )

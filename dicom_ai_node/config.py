@@ -32,8 +32,6 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from dicom_ai_node.web.settings import NotificationSettings
-
 CONFIG_ENV = "DICOM_AI_NODE_CONFIG"
 DEFAULT_CONFIG = Path("config/node.toml")
 
@@ -381,6 +379,11 @@ class RouteSettings(_Section):
         default=False,
         description="Shadow mode: run the model and record its results, deliver and notify nothing",
     )
+    fetch_missing: str | None = Field(
+        default=None,
+        description="Study level: the [[sources]] name asked for series the node lacks "
+        "before the study's job is queued",
+    )
 
     @field_validator("where")
     @classmethod
@@ -405,6 +408,27 @@ class ModelsSettings(_Section):
     """Where model packages are found besides the bundled ones."""
 
     dirs: list[Path] = []
+
+
+Trigger = Literal["positive", "failed"]
+
+
+class NotificationSettings(_Section):
+    """A webhook: ``url`` receives a JSON POST for each event named in ``on``.
+
+    ``positive``: a job's result is a positive finding (once per job). ``failed``: a job
+    failed (inference) or could not deliver its results (each time it happens).
+    """
+
+    url: str = Field(pattern=r"^https?://", description="Where to POST (http or https)")
+    on: list[Trigger] = Field(default=["positive", "failed"], min_length=1)
+    headers: dict[str, str] = Field(
+        default={}, description="Extra request headers, e.g. an Authorization for the receiver"
+    )
+    timeout: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=10, ge=1)
+    retry_base_seconds: float = Field(default=5.0, gt=0)
+    retry_max_seconds: float = Field(default=600.0, gt=0)
 
 
 class ClusterSettings(_Section):
@@ -470,6 +494,14 @@ class Settings(BaseSettings):
         for i, route in enumerate(self.routes):
             if route.name in route_names[:i]:
                 raise ValueError(f"routes[{i}].name: duplicate route name {route.name!r}")
+            if route.fetch_missing is not None:
+                if route.level != "study":
+                    raise ValueError(f'routes[{i}].fetch_missing: only for level = "study"')
+                if route.fetch_missing not in sources:
+                    raise ValueError(
+                        f"routes[{i}].fetch_missing: unknown source {route.fetch_missing!r} "
+                        f"(known: {', '.join(sources) or 'none'})"
+                    )
             for dest in route.destinations:
                 if dest not in names and dest != "outbox":
                     raise ValueError(

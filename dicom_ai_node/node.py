@@ -37,13 +37,13 @@ from dicom_ai_node.jobs.nodes import (
 )
 from dicom_ai_node.jobs.queue import AttemptLimits, recover, worker_id
 from dicom_ai_node.jobs.worker import Worker
+from dicom_ai_node.metrics import NodeMetrics
+from dicom_ai_node.notify import Notifier
 from dicom_ai_node.receive.record import reindex
 from dicom_ai_node.receive.scp import StorageSCP
 from dicom_ai_node.retrieve import Sources
 from dicom_ai_node.runner import JobRunner
 from dicom_ai_node.spool import Spool
-from dicom_ai_node.web.metrics import NodeMetrics
-from dicom_ai_node.web.notify import Notifier
 from dicom_ai_node.web.server import HttpServer
 
 if TYPE_CHECKING:
@@ -121,6 +121,13 @@ class Node:
             on_outcome=self._dispatched,
             on_delivered=lambda seconds: self.metrics.end_to_end_seconds(seconds, "delivered"),
         )
+        sources = Sources(
+            tuple(settings.sources),
+            frozenset(route.name for route in settings.routes),
+            settings.dicom.ae_title,
+            self.scp.ingest,
+            self.audit,
+        )
         self.http = HttpServer(
             self.sessions,
             read_sessions=self.read_sessions,
@@ -135,13 +142,7 @@ class Node:
             audit=self.audit,
             ingest=self.scp.ingest,
             stow_max_bytes=int(settings.http.stow_max_mb * 2**20),
-            sources=Sources(
-                tuple(settings.sources),
-                frozenset(route.name for route in settings.routes),
-                settings.dicom.ae_title,
-                self.scp.ingest,
-                self.audit,
-            ),
+            sources=sources,
         )
         self.notifier = Notifier(
             self.sessions,
@@ -158,6 +159,7 @@ class Node:
             self.spool,
             retention_days=settings.storage.retention_days,
             on_queued=self.worker.wake,
+            fetch_missing=sources.fetch_missing,
         )
         self._reindex_before: float | None = None
         self.heartbeat = Heartbeat(

@@ -32,8 +32,8 @@ from dicom_ai_node.jobs.models import Instance, Job, JobState, Prediction, Resul
 from dicom_ai_node.jobs.queue import transition, versions
 from dicom_ai_node.jobs.store import add_event, upsert
 from dicom_ai_node.jobs.worker import LeaseLostError, PermanentJobError
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.spool import Spool
-from dicom_ai_node.web.metrics import NodeMetrics
 
 if TYPE_CHECKING:
     from dicom_ai_node.infer.prediction import SeriesPrediction

@@ -13,6 +13,7 @@ from dicom_ai_node.config import Settings
 from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
 from dicom_ai_node.node import Node
 from tests.support.helpers import ROOT, make_settings
+from tests.support.joblog import JobLog
 
 
 @pytest.fixture
@@ -22,6 +23,12 @@ def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     upgrade(engine)
     yield session_factory(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def job_log(sessions: sessionmaker[Session], tmp_path: Path) -> JobLog:
+    """Helpers that fill the job log of ``sessions`` (web and notify tests)."""
+    return JobLog(sessions, tmp_path)
 
 
 @pytest.fixture

@@ -52,6 +52,26 @@ def test_unknown_destination_in_a_route_is_named(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("keys", "named"),
+    [
+        ({"level": "study", "fetch_missing": "nowhere"}, "unknown source 'nowhere'"),
+        ({"fetch_missing": "pacs"}, 'only for level = "study"'),
+    ],
+)
+def test_fetch_missing_names_a_source_of_a_study_route(keys: dict[str, str], named: str) -> None:
+    from pydantic import ValidationError
+
+    from dicom_ai_node.config import Settings
+
+    source = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}
+    with pytest.raises(ValidationError, match=r"routes\[0\]\.fetch_missing") as raised:
+        Settings.model_validate(
+            {"sources": [source], "routes": [{"name": "r", "model": "m", **keys}]}
+        )
+    assert named in str(raised.value)
+
+
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     from dicom_ai_node.config import load_settings
 

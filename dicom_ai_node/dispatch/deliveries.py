@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DestinationSettings, DispatchSettings
@@ -33,11 +33,12 @@ from dicom_ai_node.jobs.models import (
     DeliveryState,
     Instance,
     Job,
-    JobState,
     Result,
     utcnow,
 )
-from dicom_ai_node.jobs.queue import settle_job, transition
+from dicom_ai_node.jobs.outbox import Retries, Settled, settle
+from dicom_ai_node.jobs.outbox import claim_due as claim_leased
+from dicom_ai_node.jobs.queue import settle_job
 from dicom_ai_node.jobs.store import add_event, upsert
 from dicom_ai_node.spool import Spool
 from dicom_ai_node.tls import client_context, peer_context
@@ -123,28 +124,11 @@ def claim_due(
     session: Session, destination: str, owner: str, lease_seconds: float, limit: int = 50
 ) -> list[tuple[Delivery, Result]]:
     """Claim the due deliveries to ``destination`` (lease-protected like jobs)."""
-    now = utcnow()
-    due = (
-        select(Delivery.id)
-        .where(
-            Delivery.destination == destination,
-            Delivery.state == DeliveryState.PENDING.value,
-            Delivery.next_attempt_at <= now,
-            or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now),
-        )
-        .order_by(Delivery.next_attempt_at, Delivery.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+    ids = claim_leased(
+        session, Delivery, owner, lease_seconds, limit, Delivery.destination == destination
     )
-    ids = list(session.scalars(due).all())
     if not ids:
         return []
-    session.execute(
-        update(Delivery)
-        .where(Delivery.id.in_(ids))
-        .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
-        .execution_options(synchronize_session=False)
-    )
     rows = session.execute(
         select(Delivery, Result)
         .join(Result, Result.sop_instance_uid == Delivery.result_uid)
@@ -170,10 +154,9 @@ def release_leases(session: Session, node_name: str) -> int:
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def backoff(attempts: int, settings: DispatchSettings) -> timedelta:
-    """The wait before attempt ``attempts + 1``: exponential, capped."""
-    seconds = settings.retry_base_seconds * (2 ** max(attempts - 1, 0))
-    return timedelta(seconds=min(seconds, settings.retry_max_seconds))
+def retries(settings: DispatchSettings) -> Retries:
+    """The retry schedule of ``[dispatch]``."""
+    return Retries(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_seconds)
 
 
 def record_outcome(
@@ -193,46 +176,35 @@ def record_outcome(
     delivery = session.get(Delivery, delivery_id, populate_existing=True)
     if delivery is None:
         return None
-    delivery.attempts += 1
     delivery.last_status = outcome.status
     delivery.last_error = outcome.error or None
-    delivery.lease_owner = None
-    delivery.lease_expires_at = None
+    stored = DeliveryState.SENT if commitment else DeliveryState.DONE
+    settled = settle(delivery, outcome.ok, retries(settings), stored.value, now)
     what = f"{delivery.result_uid} to {delivery.destination}"
     status = f"0x{outcome.status:04X}" if outcome.status is not None else "no status"
-    if outcome.ok:
-        delivery.state = (DeliveryState.SENT if commitment else DeliveryState.DONE).value
+    if settled is Settled.SENT:
         delivery.delivered_at = now
         delivery.commitment_requested_at = now if commitment else None
-        add_event(
-            session,
-            "delivered",
-            f"sent {what}: {status}",
-            job_id=delivery.job_id,
-            destination=delivery.destination,
-            status=outcome.status,
-        )
-    elif delivery.attempts >= settings.max_attempts:
-        delivery.state = DeliveryState.FAILED.value
-        add_event(
-            session,
-            "delivery_failed",
-            f"gave up sending {what} after {delivery.attempts} attempts: {status} {outcome.error}",
-            job_id=delivery.job_id,
-            destination=delivery.destination,
-            status=outcome.status,
+        kind, message = "delivered", f"sent {what}: {status}"
+    elif settled is Settled.FAILED:
+        kind = "delivery_failed"
+        message = (
+            f"gave up sending {what} after {delivery.attempts} attempts: {status} {outcome.error}"
         )
     else:
-        delivery.next_attempt_at = now + backoff(delivery.attempts, settings)
-        add_event(
-            session,
-            "delivery_retry",
+        kind = "delivery_retry"
+        message = (
             f"sending {what} failed ({status} {outcome.error}); attempt "
-            f"{delivery.attempts + 1} at {delivery.next_attempt_at:%H:%M:%S}",
-            job_id=delivery.job_id,
-            destination=delivery.destination,
-            status=outcome.status,
+            f"{delivery.attempts + 1} at {delivery.next_attempt_at:%H:%M:%S}"
         )
+    add_event(
+        session,
+        kind,
+        message,
+        job_id=delivery.job_id,
+        destination=delivery.destination,
+        status=outcome.status,
+    )
     session.flush()
     return delivery.job_id if settle_job(session, delivery.job_id) else None
 
@@ -249,28 +221,6 @@ def last_received(session: Session, job_id: int) -> datetime | None:
         query = query.where(Instance.series_instance_uid == job.series_instance_uid)
     value: datetime | None = session.scalar(query)
     return value
-
-
-def resend(session: Session, job_id: int) -> int:
-    """Make a job's failed deliveries pending again (operator retry); returns how many."""
-    result = session.execute(
-        update(Delivery)
-        .where(
-            Delivery.job_id == job_id,
-            Delivery.state == DeliveryState.FAILED.value,
-        )
-        .values(state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    count = int(result.rowcount)  # type: ignore[attr-defined]
-    if count:
-        transition(
-            session,
-            job_id,
-            JobState.DELIVERING,
-            f"job {job_id}: {count} failed deliveries queued again by an operator",
-        )
-    return count
 
 
 class _Sender(PollingLoop):

@@ -17,14 +17,20 @@ NO is not exported (removing burned-in text needs the Clean Pixel Data Option, n
 The map from originals to pseudonyms lives in the job log (``pseudonyms``), never in the
 export: :class:`Pseudonyms` looks originals up there, so exports made at different times
 agree. :func:`export_jobs` writes ``OUT/<label>/<study>/<series>/<sop>.dcm``, which is the
-class-folder layout ``dicom-ai-node train --data OUT`` reads.
+class-folder layout ``dicom-ai-node train --data OUT`` reads, and ``OUT/labels.csv`` with one
+row per exported series (pseudonymous UIDs, the model and its finding, the radiologist's
+feedback and the label used). The label is the radiologist-confirmed one where there is
+feedback: the latest feedback on the job decides; agreeing keeps the model's label, disagreeing
+with a two-label model gives the other label, and a disagreed series of a model with more
+labels has no confirmed label and is left out.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +42,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_ai_node.jobs.models import Instance, Job, JobState, Pseudonym
+from dicom_ai_node.jobs.models import Feedback, Instance, Job, JobState, Pseudonym
 from dicom_ai_node.jobs.store import add_event
 from dicom_ai_node.spool import Spool, check_uid
 
@@ -253,12 +259,47 @@ def deidentify(source: Dataset, pseudonyms: Pseudonyms) -> Dataset:
     return out
 
 
+LABELS_FILE = "labels.csv"
+LABEL_COLUMNS = (
+    "study_instance_uid",
+    "series_instance_uid",
+    "model",
+    "model_version",
+    "weights_sha256",
+    "model_label",
+    "probability",
+    "feedback",
+    "label",
+)
+
+
+def confirmed_label(model_label: str, agree: bool | None, labels: Sequence[str]) -> str | None:
+    """The label a series is exported under: the model's, unless the latest feedback
+    disagrees, then the other label of a two-label model (``None`` with more labels: the
+    radiologist said what it is not, not what it is)."""
+    if agree is None or agree:
+        return model_label
+    others = [name for name in labels if name != model_label]
+    return others[0] if len(labels) == 2 and len(others) == 1 else None
+
+
+def _latest_feedback(session: Session, job_ids: Sequence[int]) -> dict[int, bool]:
+    """The latest feedback's agreement per job (jobs without feedback are absent)."""
+    rows = session.execute(
+        select(Feedback.job_id, Feedback.agree)
+        .where(Feedback.job_id.in_(job_ids))
+        .order_by(Feedback.id)
+    ).all()
+    return {job_id: agree for job_id, agree in rows}  # later rows overwrite earlier ones
+
+
 @dataclass(frozen=True)
 class Exported:
     """What an export wrote: files per label, and the instances it left out (and why)."""
 
     files: dict[str, int]
     skipped: dict[str, str]
+    series: int  # rows of the labels file
 
 
 def export_jobs(
@@ -267,11 +308,13 @@ def export_jobs(
     route: str,
     since: datetime,
     out: Path,
+    model_labels: Mapping[str, Sequence[str]],
     advance: Callable[[int], None] | None = None,
 ) -> Exported:
     """De-identified copies of the received images of the finished (``done``) series jobs of
-    ``route`` finished since ``since``, under ``out/<label>/`` (in the caller's transaction,
-    which records the pseudonyms and an ``exported`` event)."""
+    ``route`` finished since ``since``, under ``out/<label>/``, and ``out/labels.csv`` (in
+    the caller's transaction, which records the pseudonyms and an ``exported`` event).
+    ``model_labels`` holds each model's label names, in the card's order."""
     jobs = session.scalars(
         select(Job).where(
             Job.route == route,
@@ -282,19 +325,31 @@ def export_jobs(
         )
     ).all()
     pseudonyms = Pseudonyms(session)
+    feedback = _latest_feedback(session, [job.id for job in jobs])
     files: dict[str, int] = {}
     skipped: dict[str, str] = {}
+    rows: list[dict[str, str]] = []
     for job in jobs:
         instances = session.scalars(
             select(Instance).where(Instance.series_instance_uid == job.series_instance_uid)
         ).all()
+        agree = feedback.get(job.id)
+        confirmed = confirmed_label(str(job.label), agree, model_labels.get(str(job.model), ()))
+        if confirmed is None:
+            for row in instances:
+                skipped[row.sop_instance_uid] = (
+                    f"the radiologist disagrees with {job.label} and model {job.model} has "
+                    "more than two labels: no confirmed label"
+                )
+            continue
+        label = re.sub(r"[^A-Za-z0-9._-]", "_", confirmed)
+        exported = 0
         for row in instances:
             try:
                 ds = deidentify(dcmread(spool.locate(row.path)), pseudonyms)
             except (NotExportableError, OSError) as exc:
                 skipped[row.sop_instance_uid] = str(exc)
                 continue
-            label = re.sub(r"[^A-Za-z0-9._-]", "_", str(job.label))
             path = (
                 out
                 / label
@@ -305,15 +360,36 @@ def export_jobs(
             path.parent.mkdir(parents=True, exist_ok=True)
             ds.save_as(path, enforce_file_format=True)
             files[label] = files.get(label, 0) + 1
+            exported += 1
             if advance is not None:
                 advance(1)
+        if exported:
+            rows.append(
+                {
+                    "study_instance_uid": pseudonyms.get("uid", job.study_instance_uid),
+                    "series_instance_uid": pseudonyms.get("uid", str(job.series_instance_uid)),
+                    "model": str(job.model or ""),
+                    "model_version": str(job.model_version or ""),
+                    "weights_sha256": str(job.weights_sha256 or ""),
+                    "model_label": str(job.label),
+                    "probability": "" if job.probability is None else f"{job.probability:.6f}",
+                    "feedback": "none" if agree is None else ("agree" if agree else "disagree"),
+                    "label": confirmed,
+                }
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / LABELS_FILE).open("w", newline="", encoding="utf-8") as labels_file:
+        writer = csv.DictWriter(labels_file, fieldnames=LABEL_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
     add_event(
         session,
         "exported",
         f"de-identified export of route {route} since {since:%Y-%m-%d}: "
-        f"{sum(files.values())} images, {len(skipped)} left out",
+        f"{sum(files.values())} images of {len(rows)} series, {len(skipped)} left out",
         route=route,
         files=files,
+        series_exported=len(rows),
         skipped=len(skipped),
     )
-    return Exported(files, skipped)
+    return Exported(files, skipped, len(rows))

@@ -20,7 +20,9 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal
 
+from pydantic import BaseModel
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
@@ -474,3 +476,48 @@ def versions(session: Session, job: Job) -> list[Job]:
     )
     query = query.where(Job.route.is_(None) if job.route is None else Job.route == job.route)
     return list(session.scalars(query.order_by(Job.generation, Job.id)).all())
+
+
+def resend(session: Session, job_id: int) -> int:
+    """Make a job's failed deliveries pending again (operator retry); returns how many."""
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.job_id == job_id,
+            Delivery.state == DeliveryState.FAILED.value,
+        )
+        .values(state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    count = int(result.rowcount)  # type: ignore[attr-defined]
+    if count:
+        transition(
+            session,
+            job_id,
+            JobState.DELIVERING,
+            f"job {job_id}: {count} failed deliveries queued again by an operator",
+        )
+    return count
+
+
+class RetryOutcome(BaseModel):
+    job_id: int
+    action: Literal["requeued", "resend"]
+    deliveries: int
+    state: str
+
+
+def retry_job(session: Session, job_id: int) -> RetryOutcome:
+    """The operator's retry (``dicom-ai-node jobs retry``, the API and the dashboard alike):
+    re-send the failed deliveries of a job that failed to deliver, else run the job again.
+    Raises ``LookupError`` for an unknown job and ``ValueError`` for one that cannot be
+    retried now."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise LookupError(f"no job {job_id}")
+    if job.state == JobState.FAILED_TO_DELIVER.value:
+        count = resend(session, job_id)
+        session.refresh(job)
+        return RetryOutcome(job_id=job_id, action="resend", deliveries=count, state=job.state)
+    job = retry(session, job_id)
+    return RetryOutcome(job_id=job_id, action="requeued", deliveries=0, state=job.state)

@@ -137,7 +137,7 @@ class Ingest:
             return refuse(
                 STATUS_OUT_OF_RESOURCES,
                 f"instance too large: {len(encoded) / 2**20:.1f} MB, "
-                f"limit {self.max_instance_bytes / 2**20:g} MB",
+                f"limit {self.max_instance_bytes / 2**20:.4g} MB",
             )
         try:
             header = read_header(

@@ -48,6 +48,7 @@ from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DicomSettings
 from dicom_ai_node.jobs.models import utcnow
 from dicom_ai_node.jobs.store import add_event
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.receive.access import AddressPolicy
 from dicom_ai_node.receive.guard import ConnectionGuard, GuardedAE
 from dicom_ai_node.receive.ingest import STATUS_SUCCESS, Ingest
@@ -55,7 +56,6 @@ from dicom_ai_node.receive.mpps import PerformedSteps, StepRefusedError
 from dicom_ai_node.receive.record import close_association, open_association
 from dicom_ai_node.spool import Spool
 from dicom_ai_node.tls import server_context
-from dicom_ai_node.web.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :meth:`Retriever.find` asks a configured ``[[sources]]`` PACS for studies (C-FIND at STUDY
 level by Study Instance UID, or by Study Date range and Modalities in Study);
-:meth:`Retriever.retrieve` fetches one study:
+:meth:`Retriever.retrieve` fetches one study (or one of its series):
 
 - ``retrieve = "move"``: C-MOVE to the node's own AE title; the PACS opens its own
   association to the node's listener, so the instances go through the normal C-STORE path.
@@ -14,7 +14,9 @@ Either way durability, duplicates and the job log apply, and the assembler compl
 arrives like anything pushed; its series are routed by the requested route only
 (``requested_routes``). :func:`retrieve_studies` retrieves several studies
 with at most ``max_associations`` at once, paces them to ``max_instances_per_second`` and
-records each in the job log.
+records each in the job log. :func:`fetch_missing` compares what the source holds of a study
+(C-FIND at SERIES level) with what the node holds and retrieves the missing series, for
+study-level routes with ``fetch_missing``.
 
 With an :class:`~dicom_ai_node.audit.trail.AuditTrail`, each C-FIND is audited as a Query
 (PS3.15 A.5.3.10) and what a C-GET brought as DICOM Instances Transferred (A.5.3.4); what a
@@ -44,7 +46,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from dicom_ai_node.audit.messages import (
     SERIOUS_FAILURE,
@@ -55,7 +57,7 @@ from dicom_ai_node.audit.messages import (
 )
 from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import SourceSettings
-from dicom_ai_node.jobs.models import RequestedRoute, utcnow
+from dicom_ai_node.jobs.models import Event, RequestedRoute, utcnow
 from dicom_ai_node.jobs.store import add_event, upsert_for
 from dicom_ai_node.receive.ingest import Ingest
 from dicom_ai_node.tls import peer_context
@@ -185,11 +187,29 @@ class Retriever:
         modality: str | None = None,
     ) -> list[StudyMatch]:
         """The studies the source holds that match (C-FIND, Study Root, STUDY level)."""
+        return [_match(i) for i in self._c_find(study_query(study_instance_uid, since, modality))]
+
+    def find_series(self, study_instance_uid: str) -> dict[str, int | None]:
+        """The series the source holds of a study, with their Number of Series Related
+        Instances when it gives it (C-FIND at SERIES level, PS3.4 C.6.2.1.2)."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "SERIES"
+        query.StudyInstanceUID = study_instance_uid
+        query.SeriesInstanceUID = ""
+        query.NumberOfSeriesRelatedInstances = ""
+        return {
+            str(i.SeriesInstanceUID): _count(i, "NumberOfSeriesRelatedInstances") or None
+            for i in self._c_find(query)
+            if i.get("SeriesInstanceUID")
+        }
+
+    def _c_find(self, query: Dataset) -> list[Dataset]:
+        """The identifiers of a Study Root C-FIND's pending responses; raises
+        :class:`RetrieveError`."""
         ae = AE(ae_title=self.calling_ae_title)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         assoc = self._associate(ae)
-        matches: list[StudyMatch] = []
-        query = study_query(study_instance_uid, since, modality)
+        found: list[Dataset] = []
         outcome = SERIOUS_FAILURE
         try:
             for status, identifier in assoc.send_c_find(
@@ -199,7 +219,7 @@ class Retriever:
                     raise RetrieveError("no C-FIND answer: the source aborted or timed out")
                 code = int(status.Status)
                 if code in _PENDING and identifier is not None:
-                    matches.append(_match(identifier))
+                    found.append(identifier)
                 elif code != 0x0000:
                     raise RetrieveError(f"C-FIND answered {_hex(code)}")
             outcome = SUCCESS
@@ -218,13 +238,21 @@ class Retriever:
                         outcome,
                     )
                 )
-        return matches
+        return found
 
-    def retrieve(self, study_instance_uid: str, on_progress: Progress | None = None) -> Retrieved:
-        """Fetch one study by C-MOVE or C-GET (per the source's ``retrieve``)."""
+    def retrieve(
+        self,
+        study_instance_uid: str,
+        on_progress: Progress | None = None,
+        series_instance_uid: str | None = None,
+    ) -> Retrieved:
+        """Fetch one study, or one series of it, by C-MOVE or C-GET (per the source's
+        ``retrieve``)."""
         query = Dataset()
-        query.QueryRetrieveLevel = "STUDY"
+        query.QueryRetrieveLevel = "SERIES" if series_instance_uid else "STUDY"
         query.StudyInstanceUID = study_instance_uid
+        if series_instance_uid:
+            query.SeriesInstanceUID = series_instance_uid
         ae = AE(ae_title=self.calling_ae_title)
         handlers: list[Any] = []
         if self.source.retrieve == "move":
@@ -409,6 +437,48 @@ def retrieve_studies(
         return list(pool.map(one, studies))
 
 
+def fetch_missing(
+    retriever: Retriever, engine: Engine, study_instance_uid: str, held: dict[str, int], route: str
+) -> list[str]:
+    """Retrieve the series of a study that the source holds more of than the node
+    (``held``: instances per series); the series fetched. Once per study: a study fetched
+    for before (a ``missing_fetched`` event) is taken as it is. A source that cannot be asked
+    is a ``fetch_missing_failed`` event, and the study is taken as it is."""
+    source = retriever.source
+    with engine.connect() as connection:
+        fetched_before = connection.execute(
+            select(Event.id).where(
+                Event.kind == "missing_fetched", Event.study_instance_uid == study_instance_uid
+            )
+        ).first()
+    if fetched_before is not None:
+        return []
+    try:
+        listed = retriever.find_series(study_instance_uid)
+    except RetrieveError as exc:
+        _record(engine, "fetch_missing_failed", f"{source.name}: {exc}", study_instance_uid, route)
+        return []
+    missing = [uid for uid, count in listed.items() if uid not in held or (count or 0) > held[uid]]
+    if not missing:
+        return []
+    outcomes = [retriever.retrieve(study_instance_uid, None, uid) for uid in missing]
+    summary = f"C-{source.retrieve.upper()} from {source.name} for route {route}: " + ", ".join(
+        f"series {uid} "
+        + (f"{o.completed} instances" if o.ok else f"failed ({o.error or _hex(o.status)})")
+        for uid, o in zip(missing, outcomes, strict=True)
+    )
+    log.info("fetch missing %s: %s", study_instance_uid, summary)
+    _record(engine, "missing_fetched", summary, study_instance_uid, route, fetched=missing)
+    return [uid for uid, o in zip(missing, outcomes, strict=True) if o.ok and o.completed]
+
+
+def _record(
+    engine: Engine, kind: str, summary: str, study: str, route: str, fetched: Sequence[str] = ()
+) -> None:
+    with engine.begin() as connection:
+        add_event(connection, kind, summary, study=study, route=route, fetched=list(fetched))
+
+
 @dataclass(frozen=True)
 class Sources:
     """The configured ``[[sources]]`` and ``routes`` names, pulled into ``ingest`` as the
@@ -433,3 +503,10 @@ class Sources:
                 return Retriever(source, self.ae_title, self.ingest, self.audit)
         known = ", ".join(s.name for s in self.sources)
         raise LookupError(f"sources: no source named {name!r} (known: {known})")
+
+    def fetch_missing(
+        self, source: str, study_instance_uid: str, held: dict[str, int], route: str
+    ) -> list[str]:
+        """:func:`fetch_missing` from source ``source`` (the assembler's hook)."""
+        retriever = self.retriever(route, source)
+        return fetch_missing(retriever, self.ingest.engine, study_instance_uid, held, route)

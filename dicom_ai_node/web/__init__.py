@@ -2,10 +2,8 @@
 
 - :class:`.server.HttpServer`: the JSON API, the dashboard, ``/healthz`` and ``/metrics``
   (:mod:`.app`, :mod:`.api`, :mod:`.dashboard`, :mod:`.auth`, :mod:`.queries`)
-- :class:`.metrics.NodeMetrics`: Prometheus metrics of one node
-- :class:`.notify.Notifier`: webhooks for positive findings and failures
-- :class:`.settings.NotificationSettings`: a webhook's settings
 
-Nothing is imported here: ``config`` imports :mod:`.settings`, which must not pull in the
-server (and through it ``config`` again) or FastAPI at every command start.
+Nothing below ``web`` imports it: the metrics (:mod:`dicom_ai_node.metrics`), the webhooks
+(:mod:`dicom_ai_node.notify`) and their tables (:mod:`dicom_ai_node.jobs.models`) live
+with the pipeline.
 """

@@ -21,13 +21,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_ai_node.audit.messages import accessed_event
 from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DestinationSettings
-from dicom_ai_node.dispatch.deliveries import resend
-from dicom_ai_node.jobs.models import Job, JobState, Result, utcnow
-from dicom_ai_node.jobs.queue import add_feedback, retry
+from dicom_ai_node.jobs import stats
+from dicom_ai_node.jobs.models import Result, utcnow
+from dicom_ai_node.jobs.queue import RetryOutcome, add_feedback, retry_job
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.web import queries
 from dicom_ai_node.web.auth import client_address
 from dicom_ai_node.web.images import dicom_to_png
-from dicom_ai_node.web.metrics import NodeMetrics
 
 StateName = Literal[
     "queued", "running", "delivering", "done", "failed", "failed_to_deliver", "skipped"
@@ -86,28 +86,6 @@ class FeedbackIn(BaseModel):
     agree: bool
     comment: str = Field(default="", max_length=2000)
     author: str = Field(min_length=1, max_length=128, description="Who gives the feedback")
-
-
-class RetryOutcome(BaseModel):
-    job_id: int
-    action: Literal["requeued", "resend"]
-    deliveries: int
-    state: str
-
-
-def retry_job(session: Session, job_id: int) -> RetryOutcome:
-    """What ``dicom-ai-node jobs retry`` does: re-send the failed deliveries of a job that
-    failed to deliver, else run the job again. Raises ``LookupError`` for an unknown job and
-    ``ValueError`` for one that cannot be retried now."""
-    job = session.get(Job, job_id)
-    if job is None:
-        raise LookupError(f"no job {job_id}")
-    if job.state == JobState.FAILED_TO_DELIVER.value:
-        count = resend(session, job_id)
-        session.refresh(job)
-        return RetryOutcome(job_id=job_id, action="resend", deliveries=count, state=job.state)
-    job = retry(session, job_id)
-    return RetryOutcome(job_id=job_id, action="requeued", deliveries=0, state=job.state)
 
 
 def as_utc(moment: datetime | None) -> datetime | None:
@@ -207,11 +185,11 @@ def api_router(ctx: WebContext) -> APIRouter:
         with ctx.reads() as session:
             return queries.refused_sources(session)
 
-    @router.get("/queue", response_model=queries.QueueDepth)
-    def get_queue() -> queries.QueueDepth:
+    @router.get("/queue", response_model=stats.QueueDepth)
+    def get_queue() -> stats.QueueDepth:
         """Work waiting: jobs queued and running, deliveries and notifications pending."""
         with ctx.reads() as session:
-            return queries.queue_depth(session)
+            return stats.queue_depth(session)
 
     @router.get(
         "/results/{sop_instance_uid}/image.png",

@@ -14,12 +14,12 @@ from dicom_ai_node.audit.messages import alert_event, login_event
 from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DestinationSettings
 from dicom_ai_node.jobs.models import utcnow
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.receive.ingest import Ingest
 from dicom_ai_node.retrieve import Sources
 from dicom_ai_node.web.api import WebContext, api_router, public_router
 from dicom_ai_node.web.auth import AuthError, TokenAuth
-from dicom_ai_node.web.dashboard import dashboard_router, login_page
-from dicom_ai_node.web.metrics import NodeMetrics
+from dicom_ai_node.web.dashboard import PullChoices, dashboard_router, login_page
 from dicom_ai_node.web.pull import pull_router
 from dicom_ai_node.web.stow import stow_router
 
@@ -59,7 +59,7 @@ def create_app(
     Pages and API reads use ``read_sessions`` (which on SQLite take no write lock) when
     given. ``audit`` records logins, wrong tokens, rate limits and who read which study.
     With ``ingest``, ``/dicomweb/studies`` takes instances by STOW-RS into it; with
-    ``sources``, ``/api/pull`` retrieves studies from them."""
+    ``sources``, ``/api/pull`` (and the job list's form) retrieves studies from them."""
     name = node_name or "dicom-ai-node"
 
     def audited(kind: str, address: str) -> None:
@@ -121,7 +121,14 @@ def create_app(
     app.include_router(public_router(ctx))
     app.include_router(api_router(ctx), dependencies=[Depends(authenticated)])
     app.include_router(
-        dashboard_router(ctx, refresh_seconds, auth.csrf_token),
+        dashboard_router(
+            ctx,
+            refresh_seconds,
+            auth.csrf_token,
+            PullChoices(sorted(sources.routes), [s.name for s in sources.sources])
+            if sources is not None and sources.sources
+            else None,
+        ),
         dependencies=[Depends(authenticated)],
     )
     if ingest is not None:

@@ -7,6 +7,7 @@ meta refresh: it works offline, behind any proxy, in any browser a hospital has.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
@@ -18,10 +19,11 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy.orm import Session
 
 from dicom_ai_node.infer.prediction import percent
+from dicom_ai_node.jobs import stats
 from dicom_ai_node.jobs.models import JobState
-from dicom_ai_node.jobs.queue import add_feedback
+from dicom_ai_node.jobs.queue import add_feedback, retry_job
 from dicom_ai_node.web import queries
-from dicom_ai_node.web.api import WebContext, retry_job
+from dicom_ai_node.web.api import WebContext
 
 PAGE_SIZE = 50
 WORKLIST_HOURS = (12, 24, 72, 168)
@@ -62,15 +64,26 @@ def templates() -> Jinja2Templates:
     return Jinja2Templates(env=env)
 
 
-def dashboard_router(ctx: WebContext, refresh_seconds: int, csrf_token: str) -> APIRouter:
+@dataclass(frozen=True)
+class PullChoices:
+    """What the job list's pull form offers: the routes and the configured sources."""
+
+    routes: list[str]
+    sources: list[str]
+
+
+def dashboard_router(
+    ctx: WebContext, refresh_seconds: int, csrf_token: str, pull: PullChoices | None = None
+) -> APIRouter:
     """The HTML pages (the caller adds the token check); ``csrf_token`` goes in their forms
-    that change state (see ``auth.py``)."""
+    that change state (see ``auth.py``); with ``pull``, the job list has a form that pulls
+    studies from a source (posted to ``/jobs/pull``, see ``pull.py``)."""
     router = APIRouter(include_in_schema=False)
     pages = templates()
 
     def render(request: Request, name: str, refresh: bool, **values: Any) -> HTMLResponse:
         with ctx.reads() as session:
-            depth = queries.queue_depth(session)
+            depth = stats.queue_depth(session)
         return pages.TemplateResponse(
             request,
             name,
@@ -109,6 +122,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int, csrf_token: str) -> 
         label: str = "",
         since: str = "",
         page: Annotated[int, Query(ge=1)] = 1,
+        pulled: str = "",
     ) -> HTMLResponse:
         start = _parse_date(since)
         where = queries.JobFilter(
@@ -139,6 +153,8 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int, csrf_token: str) -> 
             pages=max(1, -(-found.total // PAGE_SIZE)),
             page_link=page_link,
             bad_since=bool(since) and start is None,
+            pull=pull,
+            pulled=pulled,
         )
 
     @router.get("/jobs/{job_id}", response_class=HTMLResponse)
@@ -151,10 +167,10 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int, csrf_token: str) -> 
         return render(
             request,
             "job.html",
-            job.state in queries.PENDING_STATES or job.state == JobState.DELIVERING.value,
+            job.state in stats.PENDING_STATES or job.state == JobState.DELIVERING.value,
             job=job,
             sc=[r for r in job.results if r.kind == "sc"],
-            retryable=job.state not in (*queries.PENDING_STATES, JobState.SKIPPED.value),
+            retryable=job.state not in (*stats.PENDING_STATES, JobState.SKIPPED.value),
             retried=retried,
         )
 
@@ -176,7 +192,7 @@ def dashboard_router(ctx: WebContext, refresh_seconds: int, csrf_token: str) -> 
     @router.get("/drift", response_class=HTMLResponse)
     def drift_page(request: Request) -> HTMLResponse:
         with ctx.reads() as session:
-            rates = queries.positive_rates(session, days=30)
+            rates = stats.positive_rates(session, days=30)
         expected = ctx.metrics.expected
         rows = [
             (r, e if (e := expected.get(r.model)) and e.version == r.version else None)

@@ -16,10 +16,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DestinationSettings
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.receive.ingest import Ingest
 from dicom_ai_node.retrieve import Sources
 from dicom_ai_node.web.app import create_app
-from dicom_ai_node.web.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from dicom_ai_node.audit.messages import Peer, transferred_event
 from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.jobs.models import utcnow
 from dicom_ai_node.jobs.store import add_event
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.receive.ingest import Ingest, Stored
-from dicom_ai_node.web.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 

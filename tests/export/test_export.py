@@ -1,9 +1,11 @@
 """De-identified export: no identifying value of the source survives anywhere in an exported
 file (file meta, private tags and sequences included), UIDs are replaced consistently, the
-map stays in the job log, dciodvfy finds nothing new, and `train` reads the layout."""
+map stays in the job log, dciodvfy finds nothing new, `train` reads the layout, and the class
+folders and labels.csv follow the radiologists' latest feedback."""
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -18,9 +20,10 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_ai_node.export import confirmed_label
 from dicom_ai_node.infer.runtime import read_cards
 from dicom_ai_node.jobs.db import create_db_engine, session_factory, upgrade
-from dicom_ai_node.jobs.models import Event, Job, Pseudonym, utcnow
+from dicom_ai_node.jobs.models import Event, Feedback, Job, Pseudonym, utcnow
 from dicom_ai_node.receive.ingest import Ingest
 from dicom_ai_node.spool import Spool
 from dicom_ai_node.train.data import class_files
@@ -30,6 +33,8 @@ from tests.support.validators import dciodvfy_errors
 pytestmark = pytest.mark.peers  # dciodvfy
 
 ROUTE = "head-ct"
+MODEL = "head-ct-hemorrhage-demo"
+WEIGHTS = "ab" * 32
 IDENTIFIERS = {
     "PatientName": "Doe^Jane^Q",
     "PatientID": "PID-4711",
@@ -63,7 +68,8 @@ def source_series(folder: Path, count: int, burned_in: str = "NO") -> list[Datas
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[Dataset]]]:
-    """A job log with three finished jobs (one series each, one with burned-in text),
+    """A job log with four finished jobs (one series each, one with burned-in text; the
+    radiologist agrees with the first and, after first agreeing, disagrees with the last),
     exported twice by the command line; the first series' images are yielded."""
     root = tmp_path_factory.mktemp("export")
     settings = make_settings(root)
@@ -72,27 +78,40 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, l
     ingest = Ingest(Spool(settings.storage.data_dir), engine, max_instance_bytes=2**30)
     clean, other = source_series(root / "src", 2), source_series(root / "src", 1)
     burned = source_series(root / "src", 1, "YES")
-    for ds in clean + other + burned:
+    flipped = source_series(root / "src", 1)
+    for ds in clean + other + burned + flipped:
         data = write(ds, root / "src").read_bytes()
         assert ingest.store(data, association_id=None, calling_ae_title="CT").ok
     sessions: sessionmaker[Session] = session_factory(engine)
     with sessions.begin() as session:
-        jobs = ((clean[0], "hemorrhage"), (other[0], "normal"), (burned[0], "normal"))
-        for ds, label in jobs:
-            session.add(
-                Job(
-                    study_instance_uid=ds.StudyInstanceUID,
-                    series_instance_uid=ds.SeriesInstanceUID,
-                    route=ROUTE,
-                    state="done",
-                    label=label,
-                    finished_at=utcnow(),
-                )
+        jobs: tuple[tuple[Dataset, str, list[bool]], ...] = (
+            (clean[0], "hemorrhage", [True]),
+            (other[0], "normal", []),
+            (burned[0], "normal", []),
+            (flipped[0], "hemorrhage", [True, False]),
+        )
+        for ds, label, opinions in jobs:
+            job = Job(
+                study_instance_uid=ds.StudyInstanceUID,
+                series_instance_uid=ds.SeriesInstanceUID,
+                route=ROUTE,
+                model=MODEL,
+                model_version="0.1.0",
+                weights_sha256=WEIGHTS,
+                state="done",
+                label=label,
+                probability=0.75,
+                finished_at=utcnow(),
             )
+            session.add(job)
+            session.flush()
+            for agree in opinions:
+                session.add(Feedback(job_id=job.id, agree=agree, author="House^Gregory"))
+                session.flush()
     config = root / "node.toml"
     config.write_text(
         f'[storage]\ndata_dir = "{settings.storage.data_dir}"\nmin_free_mb = 0\n'
-        f'[[routes]]\nname = "{ROUTE}"\nmodel = "head-ct-hemorrhage-demo"\n'
+        f'[[routes]]\nname = "{ROUTE}"\nmodel = "{MODEL}"\n'
     )
     day = f"{utcnow() - timedelta(days=1):%Y-%m-%d}"
     for out in ("out", "again"):
@@ -105,7 +124,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, l
             timeout=120,
         )
         assert result.returncode == 0, result.stderr
-        assert "exported 3 images" in result.stdout
+        assert "exported 4 images" in result.stdout, result.stdout
+        assert "labels of 3 series" in result.stdout
         assert "Burned In Annotation is YES" in result.stderr
     yield root, clean
     engine.dispose()
@@ -138,7 +158,10 @@ def test_no_identifier_of_the_source_survives(exported: tuple[Path, list[Dataset
             ds.FrameOfReferenceUID,
         }
     out = files(root / "out")
-    assert len(out) == 3
+    assert len(out) == 4
+    labels = (root / "out" / "labels.csv").read_text(encoding="utf-8")
+    for secret in secrets:
+        assert secret.lower() not in labels.lower(), f"{secret!r} survives in labels.csv"
     for path in out:
         ds = dcmread(path)
         everything = [*texts(ds), *texts(ds.file_meta), path.as_posix()]
@@ -187,10 +210,40 @@ def test_dciodvfy_finds_no_new_errors(exported: tuple[Path, list[Dataset]]) -> N
 
 def test_train_reads_the_layout(exported: tuple[Path, list[Dataset]]) -> None:
     root, _ = exported
-    _, card = read_cards()["head-ct-hemorrhage-demo"]
+    _, card = read_cards()[MODEL]
     by_label = class_files(root / "out", card)
     names = [label.name for label in card.labels]
     assert {names[i]: len(paths) for i, paths in by_label.items()} == {
         "hemorrhage": 2,
-        "normal": 1,
+        "normal": 2,
     }
+
+
+def test_labels_follow_the_latest_feedback(exported: tuple[Path, list[Dataset]]) -> None:
+    root, clean = exported
+    with (root / "out" / "labels.csv").open(encoding="utf-8", newline="") as labels_file:
+        rows = list(csv.DictReader(labels_file))
+    assert len(rows) == 3  # the burned-in series exported nothing
+    by_folder = {
+        path.parent.name: path.parts[-4] for path in files(root / "out")
+    }  # pseudonymous series UID -> class folder
+    assert {row["series_instance_uid"]: row["label"] for row in rows} == by_folder
+    assert sorted((r["model_label"], r["feedback"], r["label"]) for r in rows) == [
+        ("hemorrhage", "agree", "hemorrhage"),
+        ("hemorrhage", "disagree", "normal"),
+        ("normal", "none", "normal"),
+    ]
+    first = dcmread(files(root / "out" / "hemorrhage")[0])
+    row = next(r for r in rows if r["series_instance_uid"] == first.SeriesInstanceUID)
+    assert row["study_instance_uid"] == first.StudyInstanceUID
+    assert (row["model"], row["model_version"], row["weights_sha256"]) == (MODEL, "0.1.0", WEIGHTS)
+    assert float(row["probability"]) == 0.75
+    assert clean[0].SeriesInstanceUID not in by_folder
+
+
+def test_confirmed_label() -> None:
+    two = ("normal", "hemorrhage")
+    assert confirmed_label("hemorrhage", None, two) == "hemorrhage"
+    assert confirmed_label("hemorrhage", True, two) == "hemorrhage"
+    assert confirmed_label("hemorrhage", False, two) == "normal"
+    assert confirmed_label("a", False, ("a", "b", "c")) is None  # not b, not c: unknown

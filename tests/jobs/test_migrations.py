@@ -32,7 +32,7 @@ def test_migrations_build_the_schema_of_the_models(tmp_path: Path) -> None:
     assert differences == []
 
 
-def test_0008_makes_paths_relative_and_keeps_one_job_per_key(tmp_path: Path) -> None:
+def test_0004_makes_paths_relative_and_keeps_one_job_per_key(tmp_path: Path) -> None:
     engine = create_db_engine(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
     config = _config()
     with engine.begin() as connection:

@@ -1,10 +1,12 @@
 """Query/retrieve from Orthanc as the PACS: C-FIND, C-MOVE to the node, C-GET, and the
-`run` command; an unknown study and a PACS that refuses the move."""
+`run` command, the API and the job list's form, a study-level route fetching the series it
+lacks; an unknown study and a PACS that refuses the move."""
 
 from __future__ import annotations
 
 import base64
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -236,3 +238,88 @@ def test_api_pulls_in_the_background(node: Node, pacs: Orthanc, tmp_path: Path) 
     assert api.post("/api/pull", json={"route": "nope", "study": study}).status_code == 400
     both = {"route": "ct", "study": study, "since": "2026-12-01"}
     assert api.post("/api/pull", json=both).status_code == 422
+
+
+def test_job_list_form_pulls_with_the_form_token(node: Node, pacs: Orthanc, tmp_path: Path) -> None:
+    study, sops = upload_study(pacs, tmp_path, 1)
+    own = f"http://127.0.0.1:{node.http.port}"
+    with httpx.Client(base_url=own, timeout=30) as browser:
+        assert browser.get(f"/jobs?token={TOKEN}").status_code == 303  # the session cookie
+        page = browser.get("/jobs")
+        match = re.search(r'action="(/jobs/pull\?csrf=[0-9a-f]+)"', page.text)
+        assert match is not None, page.text
+        assert "<option>pacs</option>" in page.text and "<option>ct</option>" in page.text
+        form = {"route": "ct", "source": "pacs", "study": study, "since": "", "modality": ""}
+        evil = browser.post(match.group(1), data=form, headers={"Origin": "https://evil.example"})
+        assert evil.status_code == 403  # cross-site
+        assert browser.post("/jobs/pull", data=form, headers={"Origin": own}).status_code == 403
+        assert on_node(node, sops) == set()  # neither refused post pulled anything
+        pulled = browser.post(match.group(1), data=form, headers={"Origin": own})
+        assert pulled.status_code == 303
+        assert "retrieving 1 studies from pacs" in browser.get(pulled.headers["location"]).text
+        wait_for(lambda: on_node(node, sops) == set(sops), timeout=30)
+        unknown = browser.post(match.group(1), data={**form, "study": generate_uid()})
+        assert "holds+no+matching+study" in unknown.headers["location"]
+        neither = browser.post(match.group(1), data={**form, "study": ""})
+        assert "give+either+study+or+since" in neither.headers["location"]
+
+
+@pytest.fixture(scope="module")
+def study_node(tmp_path_factory: pytest.TempPathFactory, pacs: Orthanc) -> Iterator[Node]:
+    """A node with a study-level route that fetches missing series from the PACS by C-GET
+    (as the AE title Orthanc knows)."""
+    settings = make_settings(
+        tmp_path_factory.mktemp("fetch-missing"),
+        routes=[
+            {
+                "name": "study-ct",
+                "model": "head-ct-hemorrhage-demo",
+                "level": "study",
+                "fetch_missing": "pacs",
+            }
+        ],
+        sources=[source(pacs, "get").model_dump()],
+    )
+    running = Node(settings, models={})
+    running.start()
+    yield running
+    running.stop()
+
+
+def study_jobs(node: Node, study: str) -> list[tuple[str, int]]:
+    with node.sessions() as session:
+        jobs = session.scalars(select(Job).where(Job.study_instance_uid == study))
+        return [(str(job.route), job.generation) for job in jobs]
+
+
+def test_study_route_fetches_the_missing_series_first(
+    study_node: Node, pacs: Orthanc, tmp_path: Path
+) -> None:
+    study, first, second = generate_uid(), generate_uid(), generate_uid()
+    images = [
+        instance(study=study, series=series, Modality="CT", ImagesInAcquisition=count)
+        for series, count in ((first, 2), (first, 2), (second, 1))
+    ]
+    pacs.upload([write(ds, tmp_path) for ds in images])
+    whole = generate_uid()
+    held = [instance(study=whole, Modality="CT", ImagesInAcquisition=1)]
+    pacs.upload([write(held[0], tmp_path)])
+    for ds in [*images[:2], *held]:  # the node is sent the first series only
+        data = write(ds, tmp_path).read_bytes()
+        assert study_node.scp.ingest.store(data, association_id=None, calling_ae_title="CT").ok
+    assert wait_for(lambda: study_jobs(study_node, study), timeout=30) == [("study-ct", 1)]
+    assert on_node(study_node, [str(ds.SOPInstanceUID) for ds in images]) == {
+        str(ds.SOPInstanceUID) for ds in images
+    }
+    with study_node.sessions() as session:
+        (fetched,) = session.scalars(
+            select(Event).where(Event.kind == "missing_fetched", Event.study_instance_uid == study)
+        ).all()
+    assert fetched.data["fetched"] == [second]
+    assert f"series {second} 1 instances" in fetched.message
+    # a study the node holds whole is queued at once, with nothing fetched
+    assert wait_for(lambda: study_jobs(study_node, whole), timeout=30) == [("study-ct", 0)]
+    with study_node.sessions() as session:
+        assert not session.scalars(
+            select(Event).where(Event.kind == "missing_fetched", Event.study_instance_uid == whole)
+        ).all()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from alembic.script import ScriptDirectory
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -30,10 +31,13 @@ from dicom_ai_node.jobs.models import (
     Job,
     JobState,
     NodeRecord,
+    Notification,
+    Result,
     Series,
     utcnow,
 )
 from dicom_ai_node.jobs.nodes import Heartbeat, heartbeat
+from dicom_ai_node.jobs.outbox import claim_due as claim_leased
 from dicom_ai_node.node import Node
 from dicom_ai_node.receive.header import read_header
 from dicom_ai_node.receive.record import open_association, record_instance
@@ -122,8 +126,7 @@ def test_three_nodes_start_together_on_a_fresh_database_and_share_the_work(
         with engine.connect() as connection:
             versions = connection.execute(text("SELECT version_num FROM alembic_version")).all()
             names = connection.execute(select(NodeRecord.name).order_by(NodeRecord.name)).all()
-        heads = sorted(p.name.split("_", 1)[0] for p in (MIGRATIONS / "versions").glob("*.py"))
-        assert [v for (v,) in versions] == [heads[-1]]
+        assert [v for (v,) in versions] == [ScriptDirectory(str(MIGRATIONS)).get_current_head()]
         assert [n for (n,) in names] == ["node-0", "node-1", "node-2"]
 
         study = generate_uid()
@@ -213,6 +216,58 @@ def test_racing_workers_plan_one_delivery_per_result_and_destination(
         rows = session.execute(select(Delivery.result_uid, Delivery.destination)).all()
     assert len(rows) == 6 and len(set(rows)) == 6
     assert sum(planned) == 6
+
+
+def test_a_dead_nodes_deliveries_and_notifications_are_taken_over_once_their_leases_expire(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The shared leased outbox: rows leased by a dead node are claimed by a living one
+    once the lease has run out; rows a live node holds are not."""
+    now = utcnow()
+    with sessions.begin() as session:
+        job = Job(study_instance_uid="1.2", series_instance_uid="1.2.3", destinations=["pacs"])
+        session.add(job)
+        session.flush()
+        for n, expires in enumerate((now - timedelta(seconds=1), now + timedelta(minutes=5))):
+            uid = f"1.2.9.{n}"
+            session.add(
+                Result(
+                    sop_instance_uid=uid,
+                    job_id=job.id,
+                    kind="sr",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+                    series_instance_uid="1.2.9",
+                    path=f"outbox/1.2/1.2.9/{uid}.dcm",
+                )
+            )
+            session.flush()
+            owner = "dead:1" if n == 0 else "alive:1"
+            session.add(
+                Delivery(
+                    job_id=job.id,
+                    result_uid=uid,
+                    destination="pacs",
+                    lease_owner=owner,
+                    lease_expires_at=expires,
+                )
+            )
+            session.add(
+                Notification(
+                    url="http://127.0.0.1:9/hook",
+                    key=f"positive:job:{n}",
+                    trigger="positive",
+                    lease_owner=owner,
+                    lease_expires_at=expires,
+                )
+            )
+    with sessions.begin() as session:
+        deliveries = claim_leased(session, Delivery, "survivor:1", 60, 10)
+        notifications = claim_leased(session, Notification, "survivor:1", 60, 10)
+    with sessions() as session:
+        owners = session.scalars(select(Delivery.lease_owner).order_by(Delivery.id)).all()
+        hooks = session.scalars(select(Notification.lease_owner).order_by(Notification.id)).all()
+    assert len(deliveries) == 1 and len(notifications) == 1
+    assert list(owners) == list(hooks) == ["survivor:1", "alive:1"]
 
 
 def test_a_dead_nodes_associations_are_closed_by_the_living_so_its_series_complete(

@@ -17,10 +17,9 @@ from typer.testing import CliRunner
 from dicom_ai_node.cli import app
 from dicom_ai_node.config import ConfigError
 from dicom_ai_node.infer import BUNDLED_MODELS_DIR, LoadedModel
-from dicom_ai_node.jobs.models import Delivery, Job
+from dicom_ai_node.jobs.models import Delivery, Job, Notification
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from dicom_ai_node.web.models import Notification
 from tests.support.helpers import free_port, make_settings, wait_for
 from tests.support.nodes import done_jobs, store_study
 

@@ -143,7 +143,7 @@ def test_ohif_lists_renders_and_labels_every_result(
             rows = browser.execute_script(_LIST_ROWS)
             return next((row for row in rows if study.accession in row), None)
 
-        WebDriverWait(browser, 60).until(lambda d: all(row_of(study) for study in studies))
+        WebDriverWait(browser, 120).until(lambda d: all(row_of(study) for study in studies))
         for study in studies:
             row = row_of(study)
             assert row is not None and study.description in row, (study, row)
@@ -152,16 +152,16 @@ def test_ohif_lists_renders_and_labels_every_result(
         for study in studies:
             name = f"{study.task}-{study.label}"
             browser.get(f"{app}/viewer?StudyInstanceUIDs={study.uid}")
-            WebDriverWait(browser, 60).until(lambda d: d.execute_script(_READY))
+            WebDriverWait(browser, 120).until(lambda d: d.execute_script(_READY))
             browser.execute_script(_SKIP_TOUR)
             # the Secondary Capture in the viewport, without cine controls over it
             series = browser.execute_script(_SHOW, "SC")
-            WebDriverWait(browser, 60).until(partial(_script, _SHOWING, series))
+            WebDriverWait(browser, 120).until(partial(_script, _SHOWING, series))
             assert browser.execute_script(_CINE) is False, name
             browser.save_screenshot(str(shots / f"{name}-sc.png"))
             # the SR: its region drawn on the key image, labelled with finding and probability
             series = browser.execute_script(_SHOW, "SR")
-            WebDriverWait(browser, 60).until(lambda d: d.execute_script(_SR_DRAWN))
+            WebDriverWait(browser, 120).until(lambda d: d.execute_script(_SR_DRAWN))
             drawn = browser.execute_script(_SR_DRAWN)
             card = demo_models[str(study.job.model)].card
             meaning = next(lab.code.meaning for lab in card.labels if lab.name == study.job.label)

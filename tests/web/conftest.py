@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,14 +10,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DestinationSettings
 from dicom_ai_node.jobs.db import read_only, session_factory
-from dicom_ai_node.web.metrics import NodeMetrics
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.web.server import HttpServer
-from tests.support.joblog import TOKEN, JobLog, Running
-
-
-@pytest.fixture
-def job_log(sessions: sessionmaker[Session], tmp_path: Path) -> JobLog:
-    return JobLog(sessions, tmp_path)
+from tests.support.joblog import TOKEN, Running
 
 
 @pytest.fixture

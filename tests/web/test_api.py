@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from dicom_ai_node.jobs.models import Delivery, Job, JobState, utcnow
 from dicom_ai_node.jobs.store import add_event
-from dicom_ai_node.web.metrics import NodeMetrics
+from dicom_ai_node.metrics import NodeMetrics
 from tests.support.joblog import TOKEN
 
 

@@ -15,8 +15,8 @@ from sqlalchemy import select
 from dicom_ai_node.dispatch.scu import Peer, send_files
 from dicom_ai_node.infer.prediction import percent
 from dicom_ai_node.jobs.models import Job
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.synth import Label, Task, generate_studies
-from dicom_ai_node.web.metrics import NodeMetrics
 from dicom_ai_node.web.server import HttpServer
 from tests.support.helpers import wait_for
 from tests.support.joblog import TOKEN

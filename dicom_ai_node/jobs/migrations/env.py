@@ -2,7 +2,6 @@
 
 from alembic import context
 
-import dicom_ai_node.web.models  # noqa: F401  (its tables are part of the schema)
 from dicom_ai_node.jobs.models import Base
 
 connection = context.config.attributes["connection"]

@@ -1,7 +1,7 @@
 """deliveries: Storage Commitment (transaction_uid, commitment_requested_at, committed_at)
 
 Revision ID: 0011
-Revises: 0005
+Revises: 0008 (governance)
 Create Date: 2026-12-02
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0011"
-down_revision: str | None = "0005"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

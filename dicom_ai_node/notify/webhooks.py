@@ -24,15 +24,24 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_ai_node.config import NotificationSettings, Trigger
 from dicom_ai_node.jobs.loop import PollingLoop
-from dicom_ai_node.jobs.models import Event, Job, JobState, Study, utcnow
+from dicom_ai_node.jobs.models import (
+    Event,
+    Job,
+    JobState,
+    Notification,
+    NotificationCursor,
+    NotificationState,
+    Study,
+    utcnow,
+)
+from dicom_ai_node.jobs.outbox import Retries, Settled, claim_due, settle
 from dicom_ai_node.jobs.store import add_event, upsert
-from dicom_ai_node.web.metrics import NodeMetrics
-from dicom_ai_node.web.models import Notification, NotificationCursor, NotificationState
-from dicom_ai_node.web.settings import NotificationSettings, Trigger
+from dicom_ai_node.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +57,9 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
-def backoff(attempts: int, webhook: NotificationSettings) -> timedelta:
-    """The wait after the ``attempts``-th failed attempt: exponential, capped."""
-    seconds = webhook.retry_base_seconds * 2 ** max(attempts - 1, 0)
-    return timedelta(seconds=min(seconds, webhook.retry_max_seconds))
+def retries(webhook: NotificationSettings) -> Retries:
+    """A webhook's retry schedule."""
+    return Retries(webhook.max_attempts, webhook.retry_base_seconds, webhook.retry_max_seconds)
 
 
 class Notifier(PollingLoop):
@@ -202,33 +210,17 @@ class Notifier(PollingLoop):
         return len(due)
 
     def _claim(self, session: Session, limit: int) -> list[Notification]:
-        now = utcnow()
-        ids = list(
-            session.scalars(
-                select(Notification.id)
-                .where(
-                    Notification.url.in_(list(self.webhooks)),
-                    Notification.state == NotificationState.PENDING.value,
-                    Notification.next_attempt_at <= now,
-                    or_(
-                        Notification.lease_expires_at.is_(None),
-                        Notification.lease_expires_at < now,
-                    ),
-                )
-                .order_by(Notification.next_attempt_at, Notification.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            ).all()
+        longest = max(webhook.timeout for webhook in self.webhooks.values())
+        ids = claim_due(
+            session,
+            Notification,
+            self.owner,
+            4 * longest,
+            limit,
+            Notification.url.in_(list(self.webhooks)),
         )
         if not ids:
             return []
-        longest = max(webhook.timeout for webhook in self.webhooks.values())
-        session.execute(
-            update(Notification)
-            .where(Notification.id.in_(ids))
-            .values(lease_owner=self.owner, lease_expires_at=now + timedelta(seconds=4 * longest))
-            .execution_options(synchronize_session=False)
-        )
         return list(
             session.scalars(
                 select(Notification)
@@ -266,21 +258,18 @@ class Notifier(PollingLoop):
             return
         webhook = self.webhooks[notification.url]
         now: datetime = utcnow()
-        notification.attempts += 1
-        notification.lease_owner = None
-        notification.lease_expires_at = None
         notification.last_error = error
+        settled = settle(
+            notification, error is None, retries(webhook), NotificationState.SENT.value, now
+        )
         what = f"{notification.trigger} notification to {redact(notification.url)}"
-        if error is None:
-            notification.state = NotificationState.SENT.value
+        if settled is Settled.SENT:
             notification.sent_at = now
             kind, message = "notification_sent", f"sent the {what}"
-        elif notification.attempts >= webhook.max_attempts:
-            notification.state = NotificationState.FAILED.value
+        elif settled is Settled.FAILED:
             kind = "notification_failed"
             message = f"gave up the {what} after {notification.attempts} attempts: {error}"
         else:
-            notification.next_attempt_at = now + backoff(notification.attempts, webhook)
             kind = "notification_retry"
             message = (
                 f"the {what} failed ({error}); attempt {notification.attempts + 1} "

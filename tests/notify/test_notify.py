@@ -12,11 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from dicom_ai_node.jobs.models import Event, JobState
+from dicom_ai_node.config import NotificationSettings
+from dicom_ai_node.jobs.models import Event, JobState, Notification
 from dicom_ai_node.jobs.queue import transition
-from dicom_ai_node.web.models import Notification
-from dicom_ai_node.web.notify import Notifier
-from dicom_ai_node.web.settings import NotificationSettings
+from dicom_ai_node.notify import Notifier
 from tests.support.helpers import free_port, wait_for
 
 

@@ -1,6 +1,6 @@
 """governance: jobs.weights_sha256 and jobs.shadow; the feedback table
 
-Revision ID: 0005
+Revision ID: 0008
 Revises: 0007
 Create Date: 2026-12-02
 """
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005"
+revision: str = "0008"
 # The brief said 0003; re-chained after main's 0008 -> 0009 -> 0004 -> 0007.
 down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.infer.evaluation import ExpectedRate
 from dicom_ai_node.jobs.models import utcnow
-from dicom_ai_node.web.queries import (
+from dicom_ai_node.jobs.stats import (
     feedback_counts,
     jobs_by_state,
     positive_rates,
