@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.wait import WebDriverWait
 from sqlalchemy import select
@@ -143,7 +144,15 @@ def test_ohif_lists_renders_and_labels_every_result(
             rows = browser.execute_script(_LIST_ROWS)
             return next((row for row in rows if study.accession in row), None)
 
-        WebDriverWait(browser, 120).until(lambda d: all(row_of(study) for study in studies))
+        try:
+            WebDriverWait(browser, 120).until(lambda d: all(row_of(study) for study in studies))
+        except TimeoutException:
+            browser.save_screenshot(str(shots / "study-list-timeout.png"))
+            raise AssertionError(
+                f"study list: {browser.execute_script(_LIST_ROWS)}; expected "
+                f"{[(s.accession, s.description) for s in studies]}; console: "
+                f"{browser.get_log('browser')[-20:]}"
+            ) from None
         for study in studies:
             row = row_of(study)
             assert row is not None and study.description in row, (study, row)
