@@ -255,6 +255,12 @@ class DispatchSettings(_Section):
     retry_max_seconds: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=12, ge=1)
     poll_seconds: float = Field(default=1.0, gt=0)
+    commitment_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="How long to wait for a PACS's Storage Commitment answer before sending "
+        "the results again and asking again",
+    )
 
 
 class PeerSettings(_Section):
@@ -306,6 +312,11 @@ class DestinationSettings(PeerSettings):
         description="Which of a route's result objects this peer gets: e.g. sc only for a "
         "PACS whose viewer shows no SR, sr + kos for an IHE AI Results consumer",
     )
+    commitment: bool = Field(
+        default=False,
+        description="Ask the peer to commit what it was sent (Storage Commitment Push Model, "
+        "PS3.4 Annex J); a delivery is complete only when the peer confirms it (dicom)",
+    )
 
     @model_validator(mode="after")
     def _type_options(self) -> DestinationSettings:
@@ -321,6 +332,8 @@ class DestinationSettings(PeerSettings):
                 raise ValueError("give username and password, or token, not both")
             if self.tls or self.server_name:
                 raise ValueError("a dicomweb destination uses TLS by an https:// url")
+            if self.commitment:
+                raise ValueError("storage commitment is for dicom destinations")
         return self
 
     def _uses_tls(self) -> bool:

@@ -22,6 +22,7 @@ from dicom_ai_node.assemble.loop import Assembler
 from dicom_ai_node.audit.messages import MINOR_FAILURE, SUCCESS, Peer, transferred_event
 from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import ConfigError, Settings
+from dicom_ai_node.dispatch.commitment import CommitmentReports
 from dicom_ai_node.dispatch.deliveries import Dispatcher, release_leases
 from dicom_ai_node.dispatch.scu import SendOutcome
 from dicom_ai_node.jobs.crashes import CrashRecords, summary
@@ -88,6 +89,7 @@ class Node:
             extra_keywords=extra,
             metrics=self.metrics,
             audit=self.audit,
+            commitment_reports=CommitmentReports(self.sessions, settings.dispatch).handle,
         )
         self.runner = JobRunner(
             settings,

@@ -29,7 +29,7 @@ from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import Settings
 from dicom_ai_node.dispatch.deliveries import plan_deliveries
 from dicom_ai_node.jobs.models import Instance, Job, JobState, Prediction, Result, utcnow
-from dicom_ai_node.jobs.queue import transition
+from dicom_ai_node.jobs.queue import transition, versions
 from dicom_ai_node.jobs.store import add_event, upsert
 from dicom_ai_node.jobs.worker import LeaseLostError, PermanentJobError
 from dicom_ai_node.metrics import NodeMetrics
@@ -211,7 +211,13 @@ class JobRunner:
     def _report(
         self, job: Job, model: LoadedModel, paths: list[Path], prediction: SeriesPrediction
     ) -> list[ResultObject]:
-        from dicom_ai_node.report import Output, ReportContext, build_results, result_uids
+        from dicom_ai_node.report import (
+            Output,
+            ReportContext,
+            build_results,
+            predecessor,
+            result_uids,
+        )
 
         if not job.outputs:
             return []
@@ -235,7 +241,25 @@ class JobRunner:
             [cast(Output, output) for output in job.outputs],
             result_uids(f"job:{job.id}:{job.study_instance_uid}:{job.generation}"),
             context,
+            [
+                predecessor(job.study_instance_uid, *identifiers)
+                for identifiers in self._earlier_srs(job)
+            ],
         )
+
+    def _earlier_srs(self, job: Job) -> list[tuple[str, str, str]]:
+        """The SR of the latest earlier run of ``job``'s series and route, which the new SR
+        amends (the earlier one names its own predecessor)."""
+        with self.sessions() as session:
+            earlier = [j.id for j in versions(session, job) if j.generation < job.generation]
+            if not earlier:
+                return []
+            rows = session.execute(
+                select(Result.series_instance_uid, Result.sop_class_uid, Result.sop_instance_uid)
+                .where(Result.job_id == earlier[-1], Result.kind == "sr")
+                .order_by(Result.sop_instance_uid)
+            ).all()
+            return [(series, sop_class, uid) for series, sop_class, uid in rows]
 
     def _record_prediction(self, session: Session, job: Job, prediction: SeriesPrediction) -> None:
         session.query(Prediction).filter(Prediction.job_id == job.id).delete()

@@ -19,6 +19,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DestinationSettings, DispatchSettings
+from dicom_ai_node.dispatch.commitment import (
+    CommitmentReports,
+    expire_requests,
+    new_transaction,
+    request_commitment,
+)
 from dicom_ai_node.dispatch.scu import Peer, SendOutcome, send_files
 from dicom_ai_node.dispatch.stow import WebPeer, stow_files
 from dicom_ai_node.jobs.loop import PollingLoop
@@ -27,13 +33,12 @@ from dicom_ai_node.jobs.models import (
     DeliveryState,
     Instance,
     Job,
-    JobState,
     Result,
     utcnow,
 )
 from dicom_ai_node.jobs.outbox import Retries, Settled, settle
 from dicom_ai_node.jobs.outbox import claim_due as claim_leased
-from dicom_ai_node.jobs.queue import transition
+from dicom_ai_node.jobs.queue import settle_job
 from dicom_ai_node.jobs.store import add_event, upsert
 from dicom_ai_node.spool import Spool
 from dicom_ai_node.tls import client_context, peer_context
@@ -160,8 +165,10 @@ def record_outcome(
     outcome: SendOutcome,
     settings: DispatchSettings,
     now: datetime | None = None,
+    commitment: bool = False,
 ) -> int | None:
-    """Record one attempt; schedule the next one or close the delivery.
+    """Record one attempt; schedule the next one or close the delivery (with
+    ``commitment``, a stored result waits as ``sent`` for the peer to commit it).
 
     Returns the job's id when this completed the delivery of its results (job now ``done``).
     """
@@ -171,11 +178,13 @@ def record_outcome(
         return None
     delivery.last_status = outcome.status
     delivery.last_error = outcome.error or None
-    settled = settle(delivery, outcome.ok, retries(settings), DeliveryState.DONE.value, now)
+    stored = DeliveryState.SENT if commitment else DeliveryState.DONE
+    settled = settle(delivery, outcome.ok, retries(settings), stored.value, now)
     what = f"{delivery.result_uid} to {delivery.destination}"
     status = f"0x{outcome.status:04X}" if outcome.status is not None else "no status"
     if settled is Settled.SENT:
         delivery.delivered_at = now
+        delivery.commitment_requested_at = now if commitment else None
         kind, message = "delivered", f"sent {what}: {status}"
     elif settled is Settled.FAILED:
         kind = "delivery_failed"
@@ -198,33 +207,6 @@ def record_outcome(
     )
     session.flush()
     return delivery.job_id if settle_job(session, delivery.job_id) else None
-
-
-def settle_job(session: Session, job_id: int) -> bool:
-    """Close a delivering job once none of its deliveries is pending; ``True`` if done."""
-    job = session.get(Job, job_id)
-    if job is None or job.state != JobState.DELIVERING.value:
-        return False
-    states = set(session.scalars(select(Delivery.state).where(Delivery.job_id == job_id)).all())
-    if DeliveryState.PENDING.value in states:
-        return False
-    if DeliveryState.FAILED.value in states:
-        transition(
-            session,
-            job_id,
-            JobState.FAILED_TO_DELIVER,
-            f"job {job_id}: some results could not be delivered",
-            error="delivery failed",
-        )
-        log.warning(
-            "job %d failed_to_deliver: some results could not be delivered",
-            job_id,
-            extra={"job_id": job_id},
-        )
-        return False
-    transition(session, job_id, JobState.DONE, f"job {job_id}: all results delivered")
-    log.info("job %d done: all results delivered", job_id, extra={"job_id": job_id})
-    return True
 
 
 def last_received(session: Session, job_id: int) -> datetime | None:
@@ -275,6 +257,8 @@ class Dispatcher:
         self.on_outcome = on_outcome
         self.on_delivered = on_delivered
         self.peers = {d.name: peer(d, calling_ae_title) for d in destinations}
+        self.committing = {d.name for d in destinations if d.commitment}
+        self.reports = CommitmentReports(sessions, settings)
         self._senders = [_Sender(self, name) for name in self.peers]
 
     def start(self) -> None:
@@ -291,16 +275,24 @@ class Dispatcher:
             sender.stop(timeout)
 
     def run_once(self, name: str) -> int:
-        """Send what is due to destination ``name``; returns how many were attempted."""
+        """Send what is due to destination ``name`` (and, for one that commits, ask it to
+        commit what it stored); returns how many were attempted."""
+        commitment = name in self.committing
         with self.sessions.begin() as session:
+            if commitment:
+                expire_requests(session, name, self.settings)
             due = claim_due(session, name, self.owner, self.settings.timeout * 4)
         if not due:
             return 0
-        by_path = {self.spool.locate(result.path): delivery.id for delivery, result in due}
+        by_path = {self.spool.locate(result.path): (delivery, result) for delivery, result in due}
         outcomes = send(list(by_path), self.peers[name], self.settings.timeout)
+        stored: list[tuple[Delivery, Result]] = []
         for outcome in outcomes:
+            delivery, _ = by_path[outcome.path]
             with self.sessions.begin() as session:
-                done_job = record_outcome(session, by_path[outcome.path], outcome, self.settings)
+                done_job = record_outcome(
+                    session, delivery.id, outcome, self.settings, commitment=commitment
+                )
                 received = last_received(session, done_job) if done_job is not None else None
             if received is not None and self.on_delivered is not None:
                 self.on_delivered((utcnow() - received).total_seconds())
@@ -314,4 +306,32 @@ class Dispatcher:
                 outcome.sop_instance_uid,
                 f"0x{outcome.status:04X}" if outcome.status is not None else outcome.error,
             )
+            if commitment and outcome.ok:
+                stored.append(by_path[outcome.path])
+        if stored:
+            self._request_commitment(name, stored)
         return len(outcomes)
+
+    def _request_commitment(self, name: str, stored: list[tuple[Delivery, Result]]) -> None:
+        """Ask ``name`` to commit what it just stored (PS3.4 J.3.2); an unanswered or refused
+        request is sent again after ``commitment_timeout_seconds``."""
+        to = self.peers[name]
+        assert isinstance(to, Peer)
+        with self.sessions.begin() as session:
+            uid = new_transaction(session, name, [d for d, _ in stored], utcnow())
+        references = [(r.sop_class_uid, r.sop_instance_uid) for _, r in stored]
+        error = request_commitment(to, uid, references, self.settings.timeout, self.reports)
+        if error:
+            with self.sessions.begin() as session:
+                for job_id in sorted({d.job_id for d, _ in stored}):
+                    add_event(
+                        session,
+                        "commitment_request_failed",
+                        f"asking {name} to commit (transaction {uid}) failed: {error}; "
+                        f"asked again after {self.settings.commitment_timeout_seconds:g} s",
+                        job_id=job_id,
+                        destination=name,
+                        transaction_uid=uid,
+                    )
+        if error:
+            log.warning("storage commitment request to %s failed: %s", name, error)

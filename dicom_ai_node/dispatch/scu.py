@@ -14,6 +14,7 @@ import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
@@ -145,6 +146,28 @@ def _send_one(assoc: Association, f: _File) -> SendOutcome:
     return SendOutcome(f.path, f.sop_instance_uid, code, comment)
 
 
+def associate(
+    peer: Peer,
+    contexts: list[PresentationContext],
+    timeout: float,
+    handlers: list[tuple[Any, Callable[..., Any]]] | None = None,
+) -> Association:
+    """An association to ``peer`` proposing ``contexts`` (over TLS when the peer says so);
+    ``handlers`` are bound to it (pynetdicom events). Check ``is_established``."""
+    ae = AE(ae_title=peer.calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    ae.requested_contexts = contexts
+    tls_args = (peer.tls, peer.server_name or peer.host) if peer.tls else None
+    return ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        tls_args=tls_args,
+        evt_handlers=handlers or [],  # type: ignore[arg-type]
+    )
+
+
 def send_files(
     paths: Iterable[Path],
     peer: Peer,
@@ -158,12 +181,7 @@ def send_files(
         if on_sent:
             on_sent(outcome)
     for batch in _batches(files):
-        ae = AE(ae_title=peer.calling_ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-        ae.connection_timeout = timeout
-        ae.requested_contexts = _contexts(batch)
-        tls_args = (peer.tls, peer.server_name or peer.host) if peer.tls else None
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+        assoc = associate(peer, _contexts(batch), timeout)
         if not assoc.is_established:
             error = "association rejected" if assoc.is_rejected else "association failed or aborted"
             for f in batch:

@@ -79,6 +79,7 @@ class JobState(StrEnum):
 
 class DeliveryState(StrEnum):
     PENDING = "pending"
+    SENT = "sent"  # stored by the peer, its Storage Commitment awaited (PS3.4 Annex J)
     DONE = "done"
     FAILED = "failed"
 
@@ -257,6 +258,11 @@ class Delivery(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Storage Commitment (PS3.4 Annex J): the request's Transaction UID, when it was asked,
+    # and when the peer confirmed it kept the instance.
+    transaction_uid: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    commitment_requested_at: Mapped[datetime | None] = mapped_column(default=None)
+    committed_at: Mapped[datetime | None] = mapped_column(default=None)
 
     __table_args__ = (
         Index("ix_deliveries_due", "state", "next_attempt_at"),

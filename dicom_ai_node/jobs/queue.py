@@ -14,6 +14,7 @@ that expired) does not, up to ``max_interruptions`` in a row as a backstop.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -28,6 +29,8 @@ from sqlalchemy.orm import Session
 from dicom_ai_node.jobs.crashes import CrashLookup, summary
 from dicom_ai_node.jobs.models import Delivery, DeliveryState, Feedback, Job, JobState, utcnow
 from dicom_ai_node.jobs.store import add_event, upsert
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -428,6 +431,51 @@ def retry(session: Session, job_id: int) -> Job:
     )
     session.refresh(job)
     return job
+
+
+def settle_job(session: Session, job_id: int) -> bool:
+    """Close a delivering job once none of its deliveries is pending or awaiting its
+    storage commitment; ``True`` if done."""
+    job = session.get(Job, job_id)
+    if job is None or job.state != JobState.DELIVERING.value:
+        return False
+    states = set(session.scalars(select(Delivery.state).where(Delivery.job_id == job_id)).all())
+    if states & {DeliveryState.PENDING.value, DeliveryState.SENT.value}:
+        return False
+    if DeliveryState.FAILED.value in states:
+        transition(
+            session,
+            job_id,
+            JobState.FAILED_TO_DELIVER,
+            f"job {job_id}: some results could not be delivered",
+            error="delivery failed",
+        )
+        log.warning(
+            "job %d failed_to_deliver: some results could not be delivered",
+            job_id,
+            extra={"job_id": job_id},
+        )
+        return False
+    transition(session, job_id, JobState.DONE, f"job {job_id}: all results delivered")
+    log.info("job %d done: all results delivered", job_id, extra={"job_id": job_id})
+    return True
+
+
+def versions(session: Session, job: Job) -> list[Job]:
+    """Every run of ``job``'s series (or study) and route, oldest generation first: a series
+    that late instances reopened is processed again as a new generation, whose results
+    amend the earlier ones."""
+    query = select(Job).where(
+        Job.level == job.level,
+        Job.study_instance_uid == job.study_instance_uid,
+    )
+    query = query.where(
+        Job.series_instance_uid.is_(None)
+        if job.series_instance_uid is None
+        else Job.series_instance_uid == job.series_instance_uid
+    )
+    query = query.where(Job.route.is_(None) if job.route is None else Job.route == job.route)
+    return list(session.scalars(query.order_by(Job.generation, Job.id)).all())
 
 
 def resend(session: Session, job_id: int) -> int:

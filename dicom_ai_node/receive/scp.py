@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -30,7 +30,11 @@ from pynetdicom import (
 )
 from pynetdicom.association import Association as PynetdicomAssociation
 from pynetdicom.dimse_primitives import C_STORE, N_CREATE, N_SET
-from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
+    StorageCommitmentPushModel,
+)
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -73,6 +77,15 @@ def preferred_transfer_syntaxes(proposed: Sequence[str]) -> list[str]:
     return [ts for ts in ordered if ts not in _UNCOMPRESSED] + [
         ts for ts in ordered if ts in _UNCOMPRESSED
     ]
+
+
+def _acceptable(sop_class: str, syntaxes: list[str]) -> PresentationContext:
+    """The context accepting ``sop_class``; the storage commitment one accepts a peer as
+    SCP too (its N-EVENT-REPORT)."""
+    context = build_context(sop_class, syntaxes or None)
+    if sop_class == StorageCommitmentPushModel:
+        context.scu_role = context.scp_role = True
+    return context
 
 
 @dataclass
@@ -118,8 +131,10 @@ class StorageSCP:
         extra_keywords: tuple[str, ...] = (),
         metrics: NodeMetrics | None = None,
         audit: AuditTrail | None = None,
+        commitment_reports: Callable[[evt.Event], tuple[int, Dataset | None]] | None = None,
     ) -> None:
         self.settings = settings
+        self.commitment_reports = commitment_reports
         self.audit = audit
         self.spool = spool
         self.sessions = sessions
@@ -166,6 +181,10 @@ class StorageSCP:
             assert context.abstract_syntax is not None
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(ModalityPerformedProcedureStep)
+        if self.commitment_reports is not None:
+            # A PACS answers a storage commitment request on an association it opens, as
+            # the SOP Class's SCP (PS3.4 J.3.3; SCP/SCU role selection, PS3.7 D.3.3.4).
+            ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         return ae
 
     @property
@@ -187,6 +206,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_N_CREATE, self._on_n_create),
             (evt.EVT_N_SET, self._on_n_set),
+            (evt.EVT_N_EVENT_REPORT, self._on_n_event_report),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_ended, ["released"]),
             (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
@@ -283,7 +303,7 @@ class StorageSCP:
                 str(ts) for ts in context.transfer_syntax
             )
         event.assoc.acceptor.supported_contexts = [
-            build_context(sop_class, preferred_transfer_syntaxes(syntaxes) or None)
+            _acceptable(sop_class, preferred_transfer_syntaxes(syntaxes))
             for sop_class, syntaxes in proposed.items()
             if sop_class in self._sop_classes
         ]
@@ -442,6 +462,12 @@ class StorageSCP:
         except StepRefusedError as exc:
             return self._refused_step("N-SET", uid, exc), None
         return STATUS_SUCCESS, attributes
+
+    def _on_n_event_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        """A storage commitment report (PS3.4 J.3.3), recorded by the dispatcher's handler."""
+        if self.commitment_reports is None:
+            return 0x0112, None  # no such SOP Instance: we asked nothing (PS3.7 C.4.2)
+        return self.commitment_reports(event)
 
     @staticmethod
     def _refused_step(operation: str, uid: str | None, exc: StepRefusedError) -> Dataset:

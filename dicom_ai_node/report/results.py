@@ -34,12 +34,14 @@ def build_results(
     outputs: Sequence[Output],
     uids: ResultUIDs,
     context: ReportContext,
+    predecessors: Sequence[Dataset] = (),
 ) -> list[ResultObject]:
     """The requested result objects, each with its kind, in the order SR, SC, KOS.
 
     ``sources`` are the series' headers, ``key_source`` the key image with its pixels
     (only read when "sc" is requested). The KOS is left out when the prediction is
-    negative. Raises ``ValueError`` for an unknown output name or inconsistent inputs.
+    negative. ``predecessors`` are the earlier SRs the SR amends (see :func:`build_sr`).
+    Raises ``ValueError`` for an unknown output name or inconsistent inputs.
     """
     unknown = set(outputs) - {"sr", "sc", "kos"}
     if unknown:
@@ -53,6 +55,7 @@ def build_results(
             series_uid=uids.sr_series,
             sop_instance_uid=uids.sr_instance,
             context=context,
+            predecessors=predecessors,
         )
         results.append(ResultObject("sr", sr))
     if "sc" in outputs:

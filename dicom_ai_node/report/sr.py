@@ -94,8 +94,13 @@ def build_sr(
     series_uid: str,
     sop_instance_uid: str,
     context: ReportContext,
+    predecessors: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 SR of ``prediction`` on the series made of ``sources``.
+
+    ``predecessors`` are the SRs this one amends (the results of the series before late
+    instances reopened it, see :func:`predecessor`): named in the Predecessor Documents
+    Sequence (PS3.3 C.17.2.3).
 
     ``sources`` are the headers of the series' images (pixel data not needed). The SR
     is COMPLETE (the algorithm adds nothing later), UNVERIFIED (no person attested it)
@@ -157,12 +162,23 @@ def build_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
+        previous_versions=list(predecessors) or None,
         series_description=series_description(card),
         **equipment_kwargs(card, context),  # type: ignore[arg-type]
     )
     copy_study_level(sr, sources[0])
     finish(sr, context)
     return sr
+
+
+def predecessor(study_uid: str, series_uid: str, sop_class_uid: str, sop_uid: str) -> Dataset:
+    """The identifiers of an earlier SR, as the Predecessor Documents Sequence cites it."""
+    ds = Dataset()
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_uid
+    return ds
 
 
 def _algorithm_parameters(prediction: SeriesPrediction) -> list[str] | None:

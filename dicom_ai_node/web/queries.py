@@ -26,6 +26,7 @@ from dicom_ai_node.jobs.models import (
     Result,
     Study,
 )
+from dicom_ai_node.jobs.queue import versions
 from dicom_ai_node.jobs.stats import PENDING_STATES
 
 # States in which a job's label and probability are known (inference finished).
@@ -39,12 +40,16 @@ Triage = Literal["positive", "pending", "failed", "negative"]
 TRIAGE_ORDER: tuple[Triage, ...] = ("positive", "pending", "failed", "negative")
 
 
+_STORED = (DeliveryState.SENT.value, DeliveryState.DONE.value)
+
+
 class DeliveryStatus(BaseModel):
     """A job's results to one destination: the worst state of its deliveries."""
 
     destination: str
     state: str
     delivered: int
+    committed: int  # confirmed by the peer's storage commitment (PS3.4 Annex J)
     total: int
     attempts: int
     last_error: str | None
@@ -117,9 +122,23 @@ class FeedbackOut(BaseModel):
     at: datetime
 
 
+class JobVersion(BaseModel):
+    """One run of a job's series and route: a series reopened by late instances is run
+    again (a new generation) and its SR amends the earlier one's."""
+
+    id: int
+    generation: int
+    state: str
+    label: str | None
+    probability: float | None
+    created_at: datetime
+    sr_uid: str | None
+
+
 class JobDetail(JobSummary):
     study_date: str
     study_description: str
+    versions: list[JobVersion]  # every run of the series and route, oldest first
     results: list[ResultOut]
     events: list[EventOut]
     notifications: list[NotificationOut]
@@ -139,6 +158,8 @@ class DestinationStatus(BaseModel):
     pending: int
     failed: int
     delivered: int
+    sent: int  # stored by the peer (done, or awaiting its storage commitment)
+    committed: int  # of those, confirmed by the peer's storage commitment
     last_success_at: datetime | None
     last_failure_at: datetime | None
     last_error: str | None
@@ -191,7 +212,8 @@ def _filtered(query: Select[*Columns], where: JobFilter) -> Select[*Columns]:
 
 
 def _delivery_status(session: Session, job_ids: Sequence[int]) -> dict[int, list[DeliveryStatus]]:
-    """Per job and destination: failed if any failed, else pending if any pending, else done."""
+    """Per job and destination: failed if any failed, else pending if any pending, else sent
+    (awaiting storage commitment) if any sent, else done."""
     found: dict[int, dict[str, list[Delivery]]] = {}
     if job_ids:
         for delivery in session.scalars(
@@ -206,7 +228,12 @@ def _delivery_status(session: Session, job_ids: Sequence[int]) -> dict[int, list
             states = {row.state for row in rows}
             state = next(
                 s.value
-                for s in (DeliveryState.FAILED, DeliveryState.PENDING, DeliveryState.DONE)
+                for s in (
+                    DeliveryState.FAILED,
+                    DeliveryState.PENDING,
+                    DeliveryState.SENT,
+                    DeliveryState.DONE,
+                )
                 if s.value in states
             )
             errors = [row.last_error for row in rows if row.last_error and row.state != "done"]
@@ -214,7 +241,8 @@ def _delivery_status(session: Session, job_ids: Sequence[int]) -> dict[int, list
                 DeliveryStatus(
                     destination=destination,
                     state=state,
-                    delivered=sum(row.state == DeliveryState.DONE.value for row in rows),
+                    delivered=sum(row.state in _STORED for row in rows),
+                    committed=sum(row.committed_at is not None for row in rows),
                     total=len(rows),
                     attempts=max(row.attempts for row in rows),
                     last_error=errors[-1] if errors else None,
@@ -291,10 +319,30 @@ def get_job(session: Session, job_id: int) -> JobDetail | None:
     notifications = session.scalars(
         select(Notification).where(Notification.job_id == job_id).order_by(Notification.id)
     ).all()
+    runs = versions(session, job)
+    srs = dict(
+        session.execute(
+            select(Result.job_id, Result.sop_instance_uid).where(
+                Result.job_id.in_([run.id for run in runs]), Result.kind == "sr"
+            )
+        ).all()
+    )
     return JobDetail(
         **_summary(row, _delivery_status(session, [job_id])),
         study_date=row[3] or "",
         study_description=row[4] or "",
+        versions=[
+            JobVersion(
+                id=run.id,
+                generation=run.generation,
+                state=run.state,
+                label=run.label,
+                probability=run.probability,
+                created_at=run.created_at,
+                sr_uid=srs.get(run.id),
+            )
+            for run in runs
+        ],
         results=[ResultOut.model_validate(r, from_attributes=True) for r in results],
         events=[EventOut.model_validate(e, from_attributes=True) for e in events],
         notifications=[
@@ -378,6 +426,13 @@ def destinations(
         )
     ):
         counts.setdefault(name, {})[state] = count
+    committed = dict(
+        session.execute(
+            select(Delivery.destination, func.count())
+            .where(Delivery.committed_at.is_not(None))
+            .group_by(Delivery.destination)
+        ).all()
+    )
     last_success = dict(
         session.execute(
             select(Delivery.destination, func.max(Delivery.delivered_at)).group_by(
@@ -412,6 +467,9 @@ def destinations(
                 pending=states.get(DeliveryState.PENDING.value, 0),
                 failed=states.get(DeliveryState.FAILED.value, 0),
                 delivered=states.get(DeliveryState.DONE.value, 0),
+                sent=states.get(DeliveryState.DONE.value, 0)
+                + states.get(DeliveryState.SENT.value, 0),
+                committed=committed.get(name, 0),
                 last_success_at=success_at,
                 last_failure_at=failure_at,
                 last_error=failure.message if failure else None,

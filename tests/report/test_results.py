@@ -6,16 +6,19 @@ import io
 
 import pytest
 
-from dicom_ai_node.report import build_results, result_uids
+from dicom_ai_node.report import build_results, predecessor, result_uids
 from tests.support.helpers import write
-from tests.support.validators import sr_validator
+from tests.support.validators import dciodvfy_errors, sr_validator
 
 SERIES_P = [0.2, 0.7, 0.9, 0.6, 0.1]
 
 
-def _results(ct_series, prediction, card, context, outputs=("sr", "sc", "kos"), seed="job-1"):
+def _results(
+    ct_series, prediction, card, context, outputs=("sr", "sc", "kos"), seed="job-1", amends=()
+):
     key = next(ds for ds in ct_series if ds.SOPInstanceUID == prediction.key_image.sop_instance_uid)
-    built = build_results(ct_series, key, prediction, card, outputs, result_uids(seed), context)
+    uids = result_uids(seed)
+    built = build_results(ct_series, key, prediction, card, outputs, uids, context, amends)
     assert [r.kind for r in built] == [o for o in ("sr", "sc", "kos") if o in outputs][: len(built)]
     return [r.dataset for r in built]
 
@@ -35,6 +38,36 @@ def test_outputs_and_new_series(ct_series, predict, card, context):
     assert [r.Modality for r in only_sr] == ["SR"]
     with pytest.raises(ValueError, match="unknown outputs"):
         _results(ct_series, predict(ct_series, SERIES_P), card, context, outputs=["pdf"])
+
+
+def _cited(sr):
+    return predecessor(sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPClassUID, sr.SOPInstanceUID)
+
+
+def test_amended_sr_names_the_earlier_one(cr_mono1, predict, card, context):
+    """PS3.3 C.17.2.3: the Predecessor Documents Sequence, by study, series and instance."""
+    earlier = _results([cr_mono1], predict([cr_mono1], [0.8]), card, context, ("sr",))[0]
+    amended = _results(
+        [cr_mono1],
+        predict([cr_mono1], [0.9]),
+        card,
+        context,
+        ("sr", "sc"),
+        "job-2",
+        [_cited(earlier)],
+    )
+    assert "PredecessorDocumentsSequence" not in earlier
+    study = amended[0].PredecessorDocumentsSequence[0]
+    assert study.StudyInstanceUID == earlier.StudyInstanceUID
+    series = study.ReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == earlier.SeriesInstanceUID
+    cited = series.ReferencedSOPSequence[0]
+    assert (cited.ReferencedSOPClassUID, cited.ReferencedSOPInstanceUID) == (
+        earlier.SOPClassUID,
+        earlier.SOPInstanceUID,
+    )
+    assert amended[0].SOPInstanceUID != earlier.SOPInstanceUID
+    assert "PredecessorDocumentsSequence" not in amended[1]  # the SC is new, not an SR
 
 
 def test_same_seed_same_uids_and_bytes(ct_series, predict, card, context):
@@ -60,7 +93,12 @@ def test_pixelmed_validates_sr_and_kos(tmp_path, ct_series, cr_mono1, predict, c
     (one JVM each takes ~10 s). Errors fail; its warnings are listed in docs/results.md."""
     series = _results(ct_series, predict(ct_series, SERIES_P), card, context, ("sr", "kos"))
     radiograph = _results([cr_mono1], predict([cr_mono1], [0.8]), card, context, ("sr",))
-    paths = [write(dataset, tmp_path) for i, dataset in enumerate([*series, *radiograph])]
+    earlier = radiograph[0]
+    amended = _results(
+        [cr_mono1], predict([cr_mono1], [0.9]), card, context, ("sr",), "job-2", [_cited(earlier)]
+    )
+    paths = [write(ds, tmp_path) for ds in [*series, *radiograph, *amended]]
+    assert dciodvfy_errors(paths[-1]) == []
     for path, findings in zip(paths, sr_validator(paths), strict=True):
         assert findings.errors == [], f"{path}: {findings.errors}"
         # only the qualitative evaluation row, which pixelmed's TID 1501 does not list

@@ -3,7 +3,9 @@
 tests/report checks the builders on hand-made inputs; here the objects come from the node's
 outbox after a positive head CT and a positive chest radiograph went through it by
 ``storescu`` (the demo models, the shipped routes): ``dciodvfy`` on every object, pixelmed's
-``DicomSRValidator`` on the SRs and the KOS, ``dsr2html`` on the SRs.
+``DicomSRValidator`` on the SRs and the KOS, ``dsr2html`` on the SRs. A late image then
+reopens the radiograph's series: its second run's SR amends the first one's (Predecessor
+Documents Sequence) and passes the validators too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_ai_node.jobs.models import Job, Result
@@ -41,6 +44,15 @@ def series_probability(sr: Dataset) -> str:
     raise AssertionError("no probability in the SR")
 
 
+def store(node: Node, folder: Path) -> None:
+    port = str(node.scp.port)
+    run_tool("storescu", "+sd", "+r", "-aec", "AINODE", "127.0.0.1", port, str(folder))
+
+
+def generation(job: Job) -> int:
+    return job.generation
+
+
 def test_node_output_passes_the_validators(
     node_factory: Callable[..., Node],
     demo_models: dict[str, Any],
@@ -48,21 +60,42 @@ def test_node_output_passes_the_validators(
     tmp_path: Path,
 ) -> None:
     node = node_factory(models=demo_models, routes=shipped_routes)
+    studies = {}
     for task in (Task.HEAD_CT_HEMORRHAGE, Task.CXR_OPACITY):
         study = generate_studies(task, Label.POSITIVE, 1, tmp_path / task.value, 99, slices=10)[0]
-        run_tool(
-            "storescu", "+sd", "+r", "-aec", "AINODE", "127.0.0.1", str(node.scp.port), str(study)
-        )
+        studies[task] = study
+        store(node, study)
 
-    def finished() -> list[Job] | None:
+    def finished(count: int) -> list[Job] | None:
         with node.read_sessions() as session:
             jobs = list(session.scalars(select(Job).where(Job.state == "done")))
-        return jobs if len(jobs) == 2 else None
+        return jobs if len(jobs) == count else None
 
-    jobs = wait_for(finished, timeout=120)
+    wait_for(lambda: finished(2), timeout=120)
+    # a late image of the radiograph's series: the series is run again (generation 1)
+    late = dcmread(next(studies[Task.CXR_OPACITY].rglob("*.dcm")))
+    late.SOPInstanceUID = generate_uid()
+    late.InstanceNumber = 2
+    late_dir = tmp_path / "late"
+    late_dir.mkdir()
+    late.save_as(late_dir / "late.dcm", enforce_file_format=True)
+    store(node, late_dir)
+    jobs = wait_for(lambda: finished(3), timeout=120)
     with node.read_sessions() as session:
         results = list(session.scalars(select(Result).order_by(Result.job_id, Result.kind)))
-    assert sorted(r.kind for r in results) == ["kos", "sc", "sc", "sr", "sr"]
+    assert sorted(r.kind for r in results) == ["kos", "sc", "sc", "sc", "sr", "sr", "sr"]
+    first, amended = sorted((j for j in jobs if j.model == "cxr-opacity-demo"), key=generation)
+    assert (first.generation, amended.generation) == (0, 1)
+    first_sr, amended_sr = (
+        dcmread(node.spool.locate(r.path))
+        for job in (first, amended)
+        for r in results
+        if r.job_id == job.id and r.kind == "sr"
+    )
+    cited = amended_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert cited.SeriesInstanceUID == first_sr.SeriesInstanceUID
+    assert cited.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
+    assert "PredecessorDocumentsSequence" not in first_sr
     by_job = {job.id: job for job in jobs}
     assert all(by_job[r.job_id].positive for r in results)
 

@@ -125,6 +125,7 @@ def test_jobs_list_filters_pages_and_joins_the_study(serve, job_log):
                 "destination": "pacs",
                 "state": "done",
                 "delivered": 1,
+                "committed": 0,
                 "total": 1,
                 "attempts": 1,
                 "last_error": None,
