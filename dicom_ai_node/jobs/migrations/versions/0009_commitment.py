@@ -1,6 +1,6 @@
 """deliveries: Storage Commitment (transaction_uid, commitment_requested_at, committed_at)
 
-Revision ID: 0011
+Revision ID: 0009
 Revises: 0008 (governance)
 Create Date: 2026-12-02
 """
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0011"
+revision: str = "0009"
 down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
