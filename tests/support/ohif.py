@@ -64,7 +64,7 @@ def ohif_dist() -> Path:
     """The unpacked app; fails (not skips) when ``make ohif`` has not run."""
     if not (OHIF_DIST / "index.html").is_file():
         pytest.fail(f"OHIF {OHIF_VERSION} is not installed at {OHIF_DIST}: run `make ohif`")
-    return OHIF_DIST
+    return OHIF_DIST.resolve()  # files are resolved, and must stay inside it, links followed
 
 
 def _handler(dist: Path, dicomweb: str) -> type[BaseHTTPRequestHandler]:
