@@ -7,7 +7,7 @@ folder between them; the races are forced with barriers, not left to timing.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
@@ -44,25 +44,12 @@ from dicom_ai_node.receive.record import open_association, record_instance
 from dicom_ai_node.spool import Spool
 from tests.support.helpers import instance, make_settings, wait_for
 from tests.support.joblog import job_with_results
-from tests.support.postgres import empty_job_log, fresh_database, postgres_server
+from tests.support.postgres import empty_job_log, fresh_database
 
 pytestmark = pytest.mark.peers
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 T = TypeVar("T")
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    with postgres_server() as url:
-        yield url
-
-
-@pytest.fixture
-def sessions(postgres_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = empty_job_log(postgres_url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def together(count: int, action: Callable[[int], T]) -> list[T]:
@@ -161,9 +148,9 @@ def test_three_nodes_start_together_on_a_fresh_database_and_share_the_work(
             node.stop()
 
 
-def _ready_series(sessions: sessionmaker[Session], spool: Spool, count: int) -> None:
+def _ready_series(pg_sessions: sessionmaker[Session], spool: Spool, count: int) -> None:
     """``count`` received series whose associations have ended: complete at the next pass."""
-    with sessions.begin() as session:
+    with pg_sessions.begin() as session:
         for _ in range(count):
             ds = instance(Modality="CR", BodyPartExamined="CHEST")
             path = spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
@@ -179,52 +166,52 @@ def _encoded(ds: Dataset) -> bytes:
 
 
 def test_racing_assemblers_queue_one_job_per_series_generation_and_route(
-    sessions: sessionmaker[Session], tmp_path: Path
+    pg_sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     spool = Spool(tmp_path / "var")
-    _ready_series(sessions, spool, 20)
+    _ready_series(pg_sessions, spool, 20)
     rules = [
         RouteSettings(name=name, model="m", where={"Modality": ["CR"]}, destinations=[])
         for name in ("first", "second")
     ]
     assemblers = [
-        Assembler(sessions, rules, AssembleSettings(stable_seconds=0), spool) for _ in range(3)
+        Assembler(pg_sessions, rules, AssembleSettings(stable_seconds=0), spool) for _ in range(3)
     ]
 
     def assemble(n: int) -> int:
         return sum(assemblers[n].assemble_once() for _ in range(5))
 
     queued = together(3, assemble)
-    with sessions() as session:
+    with pg_sessions() as session:
         keys = session.scalars(select(Job.unique_key)).all()
     assert len(keys) == 40 and len(set(keys)) == 40
     assert sum(queued) == 40  # each job counted by the one assembler that queued it
 
 
 def test_racing_workers_plan_one_delivery_per_result_and_destination(
-    sessions: sessionmaker[Session],
+    pg_sessions: sessionmaker[Session],
 ) -> None:
-    with sessions.begin() as session:
+    with pg_sessions.begin() as session:
         job, results = job_with_results(session, ["a", "b"], ("sr", "sr", "sr"))
 
     def plan(_n: int) -> int:
-        with sessions.begin() as session:
+        with pg_sessions.begin() as session:
             return plan_deliveries(session, job, results)
 
     planned = together(4, plan)
-    with sessions() as session:
+    with pg_sessions() as session:
         rows = session.execute(select(Delivery.result_uid, Delivery.destination)).all()
     assert len(rows) == 6 and len(set(rows)) == 6
     assert sum(planned) == 6
 
 
 def test_a_dead_nodes_deliveries_and_notifications_are_taken_over_once_their_leases_expire(
-    sessions: sessionmaker[Session],
+    pg_sessions: sessionmaker[Session],
 ) -> None:
     """The shared leased outbox: rows leased by a dead node are claimed by a living one
     once the lease has run out; rows a live node holds are not."""
     now = utcnow()
-    with sessions.begin() as session:
+    with pg_sessions.begin() as session:
         job = Job(study_instance_uid="1.2", series_instance_uid="1.2.3", destinations=["pacs"])
         session.add(job)
         session.flush()
@@ -260,10 +247,10 @@ def test_a_dead_nodes_deliveries_and_notifications_are_taken_over_once_their_lea
                     lease_expires_at=expires,
                 )
             )
-    with sessions.begin() as session:
+    with pg_sessions.begin() as session:
         deliveries = claim_leased(session, Delivery, "survivor:1", 60, 10)
         notifications = claim_leased(session, Notification, "survivor:1", 60, 10)
-    with sessions() as session:
+    with pg_sessions() as session:
         owners = session.scalars(select(Delivery.lease_owner).order_by(Delivery.id)).all()
         hooks = session.scalars(select(Notification.lease_owner).order_by(Notification.id)).all()
     assert len(deliveries) == 1 and len(notifications) == 1
@@ -271,17 +258,17 @@ def test_a_dead_nodes_deliveries_and_notifications_are_taken_over_once_their_lea
 
 
 def test_a_dead_nodes_associations_are_closed_by_the_living_so_its_series_complete(
-    sessions: sessionmaker[Session], tmp_path: Path
+    pg_sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     cluster = ClusterSettings(heartbeat_seconds=0.1, node_timeout_seconds=1)
     long_ago = utcnow() - timedelta(minutes=5)
-    with sessions.begin() as session:
+    with pg_sessions.begin() as session:
         heartbeat(session, "dead", "0", started=True, now=long_ago)
         heartbeat(session, "alive", "0", started=True)
         for owner in ("dead", "alive"):
             open_association(session, f"assoc-{owner}", owner, "X", "AINODE", "127.0.0.1")
-    Heartbeat(sessions, "survivor", "0", cluster).run_once()
-    with sessions() as session:
+    Heartbeat(pg_sessions, "survivor", "0", cluster).run_once()
+    with pg_sessions() as session:
         ended = dict(session.execute(select(Association.id, Association.outcome)).all())
         beats = session.scalars(select(NodeRecord.name)).all()
     assert ended == {"assoc-dead": "lost", "assoc-alive": "open"}
@@ -295,8 +282,8 @@ def test_a_starting_node_leaves_a_live_peers_fresh_files_to_it(
     are not touched by a node that starts; the fresh file is re-indexed only once the peer
     had all the time it needed to record it."""
     engine = empty_job_log(postgres_url)
-    sessions = session_factory(engine)
-    with sessions.begin() as session:
+    pg_sessions = session_factory(engine)
+    with pg_sessions.begin() as session:
         heartbeat(session, "peer", "0", started=True)
     peer_spool = Spool(tmp_path / "var", "peer")
     ds = instance()
@@ -318,12 +305,12 @@ def test_a_starting_node_leaves_a_live_peers_fresh_files_to_it(
     )
     node.start()
     try:
-        with sessions() as session:
+        with pg_sessions() as session:
             assert session.scalar(select(func.count()).select_from(Series)) == 0
         assert partial.exists() and not mine.exists()
 
         def indexed() -> bool:
-            with sessions() as session:
+            with pg_sessions() as session:
                 return session.scalar(select(func.count()).select_from(Series)) == 1
 
         wait_for(indexed, timeout=10)

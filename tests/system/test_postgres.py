@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,49 +12,34 @@ from pynetdicom import AE
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_ai_node.jobs.db import session_factory
 from dicom_ai_node.jobs.models import Instance, Job, Series
 from dicom_ai_node.jobs.queue import JobSpec, claim, enqueue
 from dicom_ai_node.node import Node
 from tests.support.helpers import claim_from_threads, instance, wait_for
-from tests.support.postgres import empty_job_log, postgres_server
+from tests.support.postgres import empty_job_log
 
 pytestmark = pytest.mark.peers
 
 
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """A database on a PostgreSQL cluster of its own, for this module's tests."""
-    with postgres_server() as url:
-        yield url
-
-
-@pytest.fixture
-def sessions(postgres_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = empty_job_log(postgres_url)
-    yield session_factory(engine)
-    engine.dispose()
-
-
 def test_migrations_apply_and_skip_locked_claims_each_job_once(
-    sessions: sessionmaker[Session],
+    pg_sessions: sessionmaker[Session],
 ) -> None:
     specs = [
         JobSpec("series", "1.2", f"1.2.{n}", 0, "CT", "r", "m", ("sr",), (), n % 3)
         for n in range(40)
     ]
-    with sessions.begin() as session:
+    with pg_sessions.begin() as session:
         enqueue(session, specs)
     first = []
     for _ in range(5):  # one claimer: the most urgent come first
-        with sessions.begin() as session:
+        with pg_sessions.begin() as session:
             job = claim(session, "w:0", 60, 3)
             assert job is not None
             first.append(job.priority)
     assert first == [2] * 5
     # four racing claimers take the rest, each job once (timestamps taken before each claim
     # do not tell the claims' order apart under load, so that is not what is checked here)
-    claimed = claim_from_threads(sessions, 4)
+    claimed = claim_from_threads(pg_sessions, 4)
     assert len(claimed) == 35 and len(set(claimed)) == 35
 
 
