@@ -9,6 +9,8 @@ import pytest
 from dicom_ai_node.infer import load_models
 from dicom_ai_node.synth import Label, Task, generate_studies
 
+pytestmark = pytest.mark.slow  # loads and runs both bundled TensorFlow models
+
 CASES = [
     (Task.CXR_OPACITY, "cxr-opacity-demo", "opacity"),
     (Task.HEAD_CT_HEMORRHAGE, "head-ct-hemorrhage-demo", "hemorrhage"),
