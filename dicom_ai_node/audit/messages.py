@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -241,6 +242,32 @@ def transferred_event(
         ],
         study_objects(study_uid, patient_id, sop_classes),
     )
+
+
+@dataclass
+class ReceivedTally:
+    """Instances received, counted per study (its patient ID, and instances per SOP Class
+    UID): what one A.5.3.4 message reports for each study."""
+
+    studies: dict[str, tuple[str, Counter[str]]] = field(default_factory=dict)
+
+    def add(self, study_uid: str, patient_id: str, sop_class_uid: str) -> None:
+        _, counts = self.studies.setdefault(study_uid, (patient_id, Counter()))
+        counts[sop_class_uid] += 1
+
+    def events(
+        self, source: Peer, destination: Peer, at: datetime, only: str | None = None
+    ) -> list[AuditEvent]:
+        """A DICOM Instances Transferred message (C) per study, or for study ``only``; the
+        studies reported leave the tally."""
+        chosen = list(self.studies) if only is None else [only]
+        return [
+            transferred_event(
+                source, destination, study, *self.studies.pop(study), at, received=True
+            )
+            for study in chosen
+            if study in self.studies
+        ]
 
 
 def accessed_event(

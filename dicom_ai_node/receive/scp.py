@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -40,9 +39,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.audit.messages import (
     Peer,
+    ReceivedTally,
     alert_event,
     association_event,
-    transferred_event,
 )
 from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import DicomSettings
@@ -97,8 +96,7 @@ class _AssociationInfo:
     called: Peer
     stored: int = 0
     failed: int = 0
-    # study -> (patient ID, SOP Class UID -> instances stored), for the audit trail
-    studies: dict[str, tuple[str, Counter[str]]] = field(default_factory=dict)
+    received: ReceivedTally = field(default_factory=ReceivedTally)  # for the audit trail
 
     @property
     def requestor(self) -> Peer:
@@ -368,12 +366,8 @@ class StorageSCP:
         if self.audit is None:
             return
         now = utcnow()
-        for study, (patient_id, sop_classes) in info.studies.items():
-            self.audit.record(
-                transferred_event(
-                    info.requestor, info.called, study, patient_id, sop_classes, now, received=True
-                )
-            )
+        for event in info.received.events(info.requestor, info.called, now):
+            self.audit.record(event)
         self.audit.record(association_event(info.requestor, info.called, False, now))
 
     def _alert(self, address: str, subject: str, detail: str) -> None:
@@ -420,10 +414,9 @@ class StorageSCP:
                 info.failed += 1
             if stored.ok and stored.header is not None:
                 header = stored.header
-                _, counts = info.studies.setdefault(
-                    header.study_instance_uid, (header.patient_id, Counter())
+                info.received.add(
+                    header.study_instance_uid, header.patient_id, header.sop_class_uid
                 )
-                counts[header.sop_class_uid] += 1
         if self.metrics is not None:
             self.metrics.instance_received(
                 info.calling_ae_title if info else "", stored.status, stored.size

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,8 +51,8 @@ from dicom_ai_node.audit.messages import (
     SERIOUS_FAILURE,
     SUCCESS,
     Peer,
+    ReceivedTally,
     query_event,
-    transferred_event,
 )
 from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.config import SourceSettings
@@ -166,8 +165,7 @@ class Retriever:
         self._tls = peer_context(source, "sources")
         self._peer = Peer(source.ae_title, source.host)
         self._lock = threading.Lock()
-        # study -> (patient ID, SOP Class UID -> instances) of what C-GET stored, for the audit
-        self._got: dict[str, tuple[str, Counter[str]]] = {}
+        self._got = ReceivedTally()  # what C-GET stored, for the audit
 
     def _associate(self, ae: AE, **kwargs: Any) -> Association:
         s = self.source
@@ -330,11 +328,11 @@ class Retriever:
         )
         if stored.ok:
             if stored.header is not None:
+                header = stored.header
                 with self._lock:
-                    _, counts = self._got.setdefault(
-                        stored.header.study_instance_uid, (stored.header.patient_id, Counter())
+                    self._got.add(
+                        header.study_instance_uid, header.patient_id, header.sop_class_uid
                     )
-                    counts[stored.header.sop_class_uid] += 1
             return 0x0000
         status = Dataset()
         status.Status = stored.status
@@ -343,22 +341,12 @@ class Retriever:
 
     def _audit_got(self, study_instance_uid: str) -> None:
         """Audit the instances of the study a C-GET brought (A.5.3.4: the node received them)."""
+        node = Peer(self.calling_ae_title, "")
         with self._lock:
-            got = self._got.pop(study_instance_uid, None)
-        if got is None or self.audit is None:
-            return
-        patient_id, counts = got
-        self.audit.record(
-            transferred_event(
-                self._peer,
-                Peer(self.calling_ae_title, ""),
-                study_instance_uid,
-                patient_id,
-                counts,
-                utcnow(),
-                received=True,
-            )
-        )
+            events = self._got.events(self._peer, node, utcnow(), only=study_instance_uid)
+        if self.audit is not None:
+            for event in events:
+                self.audit.record(event)
 
 
 def _hex(code: int | None) -> str:

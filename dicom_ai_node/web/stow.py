@@ -21,7 +21,6 @@ import json
 import logging
 import mmap
 import tempfile
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -33,7 +32,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
-from dicom_ai_node.audit.messages import Peer, transferred_event
+from dicom_ai_node.audit.messages import Peer, ReceivedTally
 from dicom_ai_node.audit.trail import AuditTrail
 from dicom_ai_node.jobs.models import utcnow
 from dicom_ai_node.jobs.store import add_event
@@ -164,7 +163,7 @@ def stow_router(
 
     def store_all(body: mmap.mmap, parts: list[Part], client: str) -> list[Stored]:
         outcomes = []
-        studies: dict[str, tuple[str, Counter[str]]] = {}
+        received = ReceivedTally()
         for part in parts:
             stored = ingest.store(
                 body[part.start : part.end], association_id=None, calling_ae_title=SENDER
@@ -173,23 +172,10 @@ def stow_router(
             outcomes.append(stored)
             if stored.ok and stored.header is not None:
                 header = stored.header
-                _, counts = studies.setdefault(
-                    header.study_instance_uid, (header.patient_id, Counter())
-                )
-                counts[header.sop_class_uid] += 1
+                received.add(header.study_instance_uid, header.patient_id, header.sop_class_uid)
         if audit is not None:
-            for study, (patient_id, counts) in studies.items():
-                audit.record(
-                    transferred_event(
-                        Peer(SENDER, client),
-                        Peer(node_name, ""),
-                        study,
-                        patient_id,
-                        counts,
-                        utcnow(),
-                        received=True,
-                    )
-                )
+            for event in received.events(Peer(SENDER, client), Peer(node_name, ""), utcnow()):
+                audit.record(event)
         ok = sum(1 for s in outcomes if s.ok)
         with engine.begin() as connection:
             add_event(
