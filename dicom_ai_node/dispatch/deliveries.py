@@ -38,7 +38,7 @@ from dicom_ai_node.jobs.models import (
 )
 from dicom_ai_node.jobs.outbox import Retries, Settled, settle
 from dicom_ai_node.jobs.outbox import claim_due as claim_leased
-from dicom_ai_node.jobs.queue import settle_job
+from dicom_ai_node.jobs.queue import held_by, settle_job
 from dicom_ai_node.jobs.store import add_event, upsert
 from dicom_ai_node.spool import Spool
 from dicom_ai_node.tls import client_context, peer_context
@@ -139,15 +139,13 @@ def claim_due(
     return [(delivery, result) for delivery, result in rows]
 
 
-def release_leases(session: Session, node_name: str) -> int:
-    """At startup: free the deliveries this node had claimed when it stopped, so they are
-    sent now rather than when their leases would have run out."""
+def release_leases(session: Session, holder: str) -> int:
+    """Free the deliveries a node (at its startup) or one of its processes (when it died)
+    had claimed, so they are sent now rather than when their leases would have run out;
+    ``holder`` as for :func:`~dicom_ai_node.jobs.queue.held_by`."""
     result = session.execute(
         update(Delivery)
-        .where(
-            Delivery.state == DeliveryState.PENDING.value,
-            Delivery.lease_owner.like(f"{node_name}:%"),
-        )
+        .where(Delivery.state == DeliveryState.PENDING.value, held_by(Delivery.lease_owner, holder))
         .values(lease_owner=None, lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )

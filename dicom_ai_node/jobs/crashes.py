@@ -25,8 +25,12 @@ def crash_dir(data_dir: Path) -> Path:
     return data_dir / "crashes"
 
 
+def _file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
 def _record_path(data_dir: Path, owner: str) -> Path:
-    return crash_dir(data_dir) / (re.sub(r"[^A-Za-z0-9._-]", "_", owner) + ".log")
+    return crash_dir(data_dir) / (_file_name(owner) + ".log")
 
 
 @contextmanager
@@ -64,6 +68,17 @@ class CrashRecords:
     def forget(self, owner: str) -> None:
         """Remove a dead process's record once its jobs have been judged."""
         _record_path(self.data_dir, owner).unlink(missing_ok=True)
+
+    def forget_node(self, node_name: str) -> int:
+        """Remove the records of every process of ``node_name`` (at its start, once its jobs
+        have been judged: none of its processes is alive then); how many there were."""
+        own = re.compile(re.escape(_file_name(node_name)) + r"_[0-9]+\.log")
+        gone = 0
+        for path in crash_dir(self.data_dir).glob("*.log"):
+            if own.fullmatch(path.name):
+                path.unlink(missing_ok=True)
+                gone += 1
+        return gone
 
 
 def summary(record: str) -> str:

@@ -127,6 +127,8 @@ class Association(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     node_name: Mapped[str] = mapped_column(String(64))
+    # the receiving process (``<node>:<pid>``): its open associations close when it dies
+    owner: Mapped[str | None] = mapped_column(String(128), default=None)
     calling_ae_title: Mapped[str] = mapped_column(String(16))
     called_ae_title: Mapped[str] = mapped_column(String(16))
     peer_address: Mapped[str] = mapped_column(String(64))

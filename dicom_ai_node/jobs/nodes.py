@@ -59,15 +59,19 @@ def live_peers(
     )
 
 
-def close_associations(session: Session, node_names: Collection[str]) -> int:
-    """Associations that nodes ``node_names`` had open when they died can no longer send:
-    closed as lost (at a node's own startup, and by the others once it is known dead), so
-    that their series can complete."""
-    if not node_names:
+def close_associations(
+    session: Session, node_names: Collection[str], owner: str | None = None
+) -> int:
+    """Associations that nodes ``node_names`` (or the one process ``owner``) had open when
+    they died can no longer send: closed as lost (at a node's own startup, by the others once
+    it is known dead, by the supervisor when a receiver process died), so that their series
+    can complete."""
+    if not node_names and owner is None:
         return 0
+    held = Association.owner == owner if owner else Association.node_name.in_(list(node_names))
     result = session.execute(
         update(Association)
-        .where(Association.node_name.in_(list(node_names)), Association.ended_at.is_(None))
+        .where(held, Association.ended_at.is_(None))
         .values(ended_at=utcnow(), outcome="lost")
     )
     return int(result.rowcount)  # type: ignore[attr-defined]

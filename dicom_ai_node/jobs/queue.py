@@ -23,8 +23,8 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy.orm import QueryableAttribute, Session
 
 from dicom_ai_node.jobs.crashes import CrashLookup, summary
 from dicom_ai_node.jobs.models import Delivery, DeliveryState, Feedback, Job, JobState, utcnow
@@ -112,6 +112,14 @@ def latest_feedback(session: Session) -> list[tuple[str, str, bool, bool]]:
 def worker_id(node_name: str | None = None) -> str:
     """An id naming this process, for leases: ``<node>:<pid>``."""
     return f"{node_name or socket.gethostname()}:{os.getpid()}"
+
+
+def held_by(column: QueryableAttribute[str | None], holder: str) -> ColumnElement[bool]:
+    """``column`` names ``holder``: one process (``<node>:<pid>``, as :func:`worker_id`
+    makes it) or, given a node name, any process of that node."""
+    if ":" in holder:
+        return column == holder
+    return column.startswith(f"{holder}:", autoescape=True)
 
 
 def job_key(level: str, study: str, series: str | None, generation: int, route: str) -> str:
@@ -362,16 +370,15 @@ def interrupted(
 
 
 def recover(
-    session: Session, node_name: str, crash_of: CrashLookup, limits: AttemptLimits
+    session: Session, holder: str, crash_of: CrashLookup, limits: AttemptLimits
 ) -> dict[int, str]:
-    """At startup: judge the jobs this node was running when it stopped (:func:`interrupted`).
+    """Judge the jobs a node (at its startup) or one of its processes (when it died) was
+    running (:func:`interrupted`); ``holder`` as for :func:`held_by`.
 
     Returns the jobs that were running, by id, with the lease owner each had.
     """
     running = session.scalars(
-        select(Job).where(
-            Job.state == JobState.RUNNING.value, Job.lease_owner.like(f"{node_name}:%")
-        )
+        select(Job).where(Job.state == JobState.RUNNING.value, held_by(Job.lease_owner, holder))
     ).all()
     return _judge(session, running, crash_of, limits)
 

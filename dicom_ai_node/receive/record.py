@@ -24,6 +24,7 @@ from dicom_ai_node.jobs.models import (
     UTCDateTime,
     utcnow,
 )
+from dicom_ai_node.jobs.queue import worker_id
 from dicom_ai_node.jobs.store import add_event, upsert_for
 from dicom_ai_node.receive.header import InstanceHeader, UnreadableInstanceError, read_header
 from dicom_ai_node.spool import Spool
@@ -235,6 +236,7 @@ def open_association(
         Association(
             id=association_id,
             node_name=node_name,
+            owner=worker_id(node_name),
             calling_ae_title=calling_ae_title,
             called_ae_title=called_ae_title,
             peer_address=peer_address,
