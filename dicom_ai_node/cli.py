@@ -8,8 +8,9 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 from rich.console import Console
@@ -19,7 +20,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from dicom_ai_node import cli_ml, cli_pull
-from dicom_ai_node.config import ConfigError, Settings, load_settings
+from dicom_ai_node.config import ROLES, ConfigError, Role, Settings, config_path, load_settings
 from dicom_ai_node.demo import demo
 from dicom_ai_node.jobs.crashes import record_crashes
 from dicom_ai_node.jobs.db import SchemaTooNewError
@@ -65,7 +66,12 @@ def _settings(config: Path | None) -> Settings:
 
 class _JsonLines(logging.Formatter):
     """One JSON object per record; ``job_id`` and ``association_id`` are fields of their own
-    where the stages pass them (``extra=``), so a log shipper can group by them."""
+    where the stages pass them (``extra=``), so a log shipper can group by them; ``process``
+    names the process of ``serve``."""
+
+    def __init__(self, process: str = "") -> None:
+        super().__init__()
+        self.process = process
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -74,6 +80,8 @@ class _JsonLines(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.process:
+            entry["process"] = self.process
         for field in ("job_id", "association_id"):
             if (value := getattr(record, field, None)) is not None:
                 entry[field] = value
@@ -82,17 +90,22 @@ class _JsonLines(logging.Formatter):
         return json.dumps(entry)
 
 
-def _setup_logging(settings: Settings) -> None:
+def _setup_logging(settings: Settings, process: str = "") -> None:
+    """Log to stderr; ``process`` (``supervisor``, ``work-0``...) names the process of
+    ``serve`` each line comes from."""
     handler: logging.Handler
+    tag = f"[{process}] " if process else ""
     if settings.logging.json_lines:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_JsonLines())
+        handler.setFormatter(_JsonLines(process))
     elif err.is_terminal:
         handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(logging.Formatter(f"{tag}%(message)s"))
     else:  # a service manager's log: one plain line per record
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
+        )
     logging.basicConfig(level=settings.logging.level, handlers=[handler], force=True)
     # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -100,34 +113,103 @@ def _setup_logging(settings: Settings) -> None:
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per module copied
 
 
-@app.command()
-def serve(config: ConfigOption = None) -> None:
-    """Run the node: listen for DICOM, process studies, send results, until Ctrl-C."""
-    from dicom_ai_node.node import Node
+RoleOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--role",
+        "-r",
+        help=f"Run only this role on this host (repeatable): {', '.join(ROLES)}. Default: all.",
+    ),
+]
 
-    settings = _settings(config)
-    _setup_logging(settings)
-    log = logging.getLogger("dicom_ai_node")
+
+def _stop_on_signals(log: logging.Logger, *signals: signal.Signals) -> threading.Event:
+    """An event set by the first of ``signals`` (installed before anything listens: a stop
+    during start-up stops cleanly too)."""
     stop = threading.Event()
 
     def _signal(signum: int, _frame: Any) -> None:
         log.info("stopping (%s)", signal.Signals(signum).name)
         stop.set()
 
-    # Before anything listens: a Ctrl-C during startup stops the node cleanly too.
-    signal.signal(signal.SIGINT, _signal)
-    signal.signal(signal.SIGTERM, _signal)
+    for sig in signals:
+        signal.signal(sig, _signal)
+    return stop
+
+
+@app.command()
+def serve(config: ConfigOption = None, role: RoleOption = None) -> None:
+    """Run the node: listen for DICOM, process studies, send results, until Ctrl-C.
+
+    A supervisor runs each role in processes of its own (``[processes]``), restarts those
+    that die and, on SIGTERM or Ctrl-C, drains them in order.
+    """
+    from dicom_ai_node.supervisor import Supervisor
+
+    settings = _settings(config)
+    roles = tuple(role or ROLES)
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:
+        err.print(f"[red]unknown role:[/red] {', '.join(unknown)} (roles: {', '.join(ROLES)})")
+        raise typer.Exit(2)
+    _setup_logging(settings, "supervisor")
+    log = logging.getLogger("dicom_ai_node")
+    stop = _stop_on_signals(log, signal.SIGINT, signal.SIGTERM)
+    supervisor = Supervisor(settings, cast(tuple[Role, ...], roles), config_path(config))
     try:
-        node = Node(settings)
+        code = supervisor.run(stop)
+    except (OSError, SchemaTooNewError) as exc:
+        err.print(f"[red]cannot start:[/red] {exc}")
+        raise typer.Exit(1) from None
+    log.info("stopped")
+    raise typer.Exit(code)
+
+
+@app.command("child", hidden=True)
+def child(
+    role: Annotated[str, typer.Argument(help="The role this process runs.")],
+    slot: Annotated[int, typer.Option(help="Which of the role's processes this is.")] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """One process of ``serve``'s supervisor (not for direct use)."""
+    from dicom_ai_node.node import Node
+    from dicom_ai_node.processes import ProcessStatus
+    from dicom_ai_node.supervisor import (
+        CONFIG_ERROR,
+        die_with_supervisor,
+        inherited_listener,
+        report_ready,
+    )
+
+    die_with_supervisor()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor says when to stop
+    settings = _settings(config)
+    _setup_logging(settings, f"{role}-{slot}")
+    log = logging.getLogger("dicom_ai_node")
+    stop = _stop_on_signals(log, signal.SIGTERM)
+    status = ProcessStatus(settings.storage.data_dir, settings.node_name)
+    try:
+        node = Node(
+            settings,
+            roles=(cast(Role, role),),
+            listener=inherited_listener() if role == "receive" else None,
+            status=status,
+        )
     except ConfigError as exc:
         err.print(f"[red]configuration error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(CONFIG_ERROR) from None
     with record_crashes(settings.storage.data_dir, node.owner):
-        _run(node, settings, stop, log)
+        _run(node, settings, stop, log, report_ready)
 
 
-def _run(node: Node, settings: Settings, stop: threading.Event, log: logging.Logger) -> None:
-    """Start the node, wait for a stop signal, stop it."""
+def _run(
+    node: Node,
+    settings: Settings,
+    stop: threading.Event,
+    log: logging.Logger,
+    ready: Callable[[], None],
+) -> None:
+    """Start the node's roles, wait for a stop signal, stop them."""
     try:
         node.start()
     except ConfigError as exc:
@@ -138,20 +220,17 @@ def _run(node: Node, settings: Settings, stop: threading.Event, log: logging.Log
         node.stop()
         err.print(f"[red]cannot start:[/red] {exc}")
         raise typer.Exit(1) from None
-    if node.http.token_generated:
-        # Printed, not logged, so the token stays out of shipped logs.
-        err.print(f"dashboard: {node.http.login_url}")
-    else:
-        log.info("dashboard: %s", node.http.url)
-    log.info(
-        "node %s ready: DICOM %s@%s:%d, data in %s, models: %s",
-        settings.node_name,
-        settings.dicom.ae_title,
-        settings.dicom.bind,
-        node.scp.port,
-        settings.storage.data_dir,
-        ", ".join(sorted(node.models)) or "none",
-    )
+    if "web" in node.roles:
+        if node.http.token_generated:
+            # Printed, not logged, so the token stays out of shipped logs.
+            err.print(f"dashboard: {node.http.login_url}")
+        else:
+            log.info("dashboard: %s", node.http.url)
+    if "receive" in node.roles:
+        log.info("DICOM %s@%s:%d", settings.dicom.ae_title, settings.dicom.bind, node.scp.port)
+    if "work" in node.roles:
+        log.info("models: %s", ", ".join(sorted(node.models)) or "none")
+    ready()
     stop.wait()
     node.stop()
     log.info("stopped")

@@ -449,6 +449,48 @@ class ClusterSettings(_Section):
         return self
 
 
+Role = Literal["receive", "work", "dispatch", "notify", "web"]
+ROLES: tuple[Role, ...] = ("receive", "work", "dispatch", "notify", "web")
+"""The roles of a node, each run in processes of its own by ``serve`` (docs/architecture.md)."""
+
+
+class ProcessesSettings(_Section):
+    """How many processes ``serve`` runs per role, and how it restarts and stops them."""
+
+    receive: int = Field(
+        default=0,
+        ge=0,
+        description="SCP processes sharing the DICOM port (0 = one per core)",
+    )
+    work: int = Field(
+        default=1,
+        ge=1,
+        description="Processes that assemble, infer and report; each loads the models once",
+    )
+    dispatch: int = Field(default=1, ge=1, description="Processes that send results")
+    restart_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="A child that dies is restarted after this, doubled at each death in a "
+        "row up to restart_max_seconds (reset once it has run for restart_max_seconds)",
+    )
+    restart_max_seconds: float = Field(default=60.0, gt=0)
+    drain_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="On SIGTERM, how long each role may take to finish what it holds "
+        "(associations, jobs, the file in flight) before it is killed",
+    )
+
+    def count(self, role: Role) -> int:
+        """The number of processes of ``role``: one each for notify and web."""
+        if role == "receive":
+            return self.receive or os.cpu_count() or 1
+        if role in ("work", "dispatch"):
+            return int(getattr(self, role))
+        return 1
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_lines: bool = False
@@ -474,6 +516,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     models: ModelsSettings = ModelsSettings()
     cluster: ClusterSettings = ClusterSettings()
+    processes: ProcessesSettings = ProcessesSettings()
     logging: LoggingSettings = LoggingSettings()
     destinations: list[DestinationSettings] = []
     sources: list[SourceSettings] = []

@@ -3,7 +3,9 @@
 Counters and histograms are fed by the node's stages through :class:`NodeMetrics` methods;
 job and queue gauges are read from the job log at scrape time (so they are right whichever
 process or host did the work). A registry per node lets several nodes run in one process
-(tests) without clashing.
+(tests) without clashing. Under ``serve``'s supervisor each role has processes of its own:
+their values go to the node's multiprocess folder (``PROMETHEUS_MULTIPROC_DIR``, set by the
+supervisor) and ``/metrics`` adds them up, with the state and restarts of each process.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import logging
 from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +28,7 @@ from dicom_ai_node.jobs.stats import (
     positive_rates,
     queue_depth,
 )
+from dicom_ai_node.processes import ProcessStatus
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +107,52 @@ class _JobLogCollector(Collector):
         yield drift
 
 
+class _ProcessCollector(Collector):
+    """Each process of the node under its supervisor: up or not, and its restarts."""
+
+    def __init__(self, status: ProcessStatus) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            f"{PREFIX}_process_up", "1 while the process is running", labels=["role", "slot"]
+        )
+        restarts = CounterMetricFamily(
+            f"{PREFIX}_process_restarts",
+            "Times the supervisor restarted the process after it died",
+            labels=["role", "slot"],
+        )
+        for child in self.status.read():
+            up.add_metric([child.role, str(child.slot)], int(child.running))
+            restarts.add_metric([child.role, str(child.slot)], child.restarts)
+        yield up
+        yield restarts
+
+
 class NodeMetrics:
     """The metrics of one node; the stages call the methods, ``/metrics`` exposes them.
 
     ``sessions`` reads the job log at scrape time (give the node's read-only sessions).
+    ``status``, for a process of ``serve``'s supervisor, is where the node's processes are
+    described and keep their values; ``/metrics`` then shows all of them.
     """
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], status: ProcessStatus | None = None
+    ) -> None:
         #: Per model name, the positive rate its package's evaluation leads to expect.
         #: (the node fills it once its models are loaded; the collector reads it at each scrape)
         self.expected: dict[str, ExpectedRate] = {}
         self.registry = CollectorRegistry()
-        self.registry.register(_JobLogCollector(sessions, self.expected))
+        joblog = _JobLogCollector(sessions, self.expected)
+        if status is None:
+            self.registry.register(joblog)
+            self._exposed = self.registry
+        else:
+            self._exposed = CollectorRegistry()
+            self._exposed.register(joblog)
+            self._exposed.register(_ProcessCollector(status))
+            MultiProcessCollector(self._exposed, path=str(status.metrics_dir))  # type: ignore[no-untyped-call]
         self._instances = Counter(
             f"{PREFIX}_instances_received",
             "Instances received by C-STORE, by calling AE title and response status",
@@ -128,9 +166,13 @@ class NodeMetrics:
             f"{PREFIX}_spool_below_floor",
             "1 while the spool's free space is below its floor and instances are refused",
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self._associations_active = Gauge(
-            f"{PREFIX}_associations_active", "DICOM associations open now", registry=self.registry
+            f"{PREFIX}_associations_active",
+            "DICOM associations open now",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self._associations = Counter(
             f"{PREFIX}_associations", "DICOM associations accepted", registry=self.registry
@@ -232,4 +274,4 @@ class NodeMetrics:
 
     def exposition(self) -> bytes:
         """The metrics in the Prometheus text format."""
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)

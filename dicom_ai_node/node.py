@@ -1,27 +1,32 @@
 """The node: wires the stages together around the job log and owns start and stop.
 
-Threads of one process: the DICOM listener (pynetdicom, one thread per association), the
-assembler (completes series and studies, routes them to jobs), the worker (claims jobs and
-hands each to the job runner: inference, then the result objects, written to the outbox),
-one dispatcher per destination, the notifier, the heartbeat and the web server. Each reads
-and writes the job log, so a restart resumes where it stopped. See docs/architecture.md.
+The stages are roles (``receive``: the DICOM listener, pynetdicom, one thread per
+association; ``work``: the assembler, which completes series and studies and routes them to
+jobs, and the worker, which hands each job to the job runner: inference, then the result
+objects, written to the outbox; ``dispatch``: one sender per destination; ``notify``; ``web``).
+One :class:`Node` runs some or all of them as threads of its process; ``serve`` runs one per
+role and process under :mod:`dicom_ai_node.supervisor`. Each reads and writes the job log, so
+a restart resumes where it stopped. See docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import text
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node import __version__
 from dicom_ai_node.assemble.loop import Assembler
 from dicom_ai_node.audit.messages import MINOR_FAILURE, SUCCESS, Peer, transferred_event
 from dicom_ai_node.audit.trail import AuditTrail
-from dicom_ai_node.config import ConfigError, Settings
+from dicom_ai_node.config import ROLES, ConfigError, Role, Settings
 from dicom_ai_node.dispatch.commitment import CommitmentReports
 from dicom_ai_node.dispatch.deliveries import Dispatcher, release_leases
 from dicom_ai_node.dispatch.scu import SendOutcome
@@ -39,6 +44,8 @@ from dicom_ai_node.jobs.queue import AttemptLimits, recover, worker_id
 from dicom_ai_node.jobs.worker import Worker
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.notify import Notifier
+from dicom_ai_node.processes import ProcessStatus
+from dicom_ai_node.receive.ingest import Ingest
 from dicom_ai_node.receive.record import reindex
 from dicom_ai_node.receive.scp import StorageSCP
 from dicom_ai_node.retrieve import Sources
@@ -56,40 +63,66 @@ AUDITED_TAGS = ["StudyInstanceUID", "PatientID", "SOPClassUID"]
 
 
 class Node:
-    """A running node. ``start()`` returns once it listens; ``stop()`` shuts it down cleanly.
+    """A running node, or the ``roles`` of it that one process runs.
 
-    ``models`` maps model names to loaded models; by default the models the routes name are
-    loaded from the bundled packages and ``[models] dirs``.
+    ``start()`` returns once it listens; ``stop()`` shuts it down cleanly. With every role
+    and no ``status`` it is the whole node in one process (the tests, ``demo``) and does the
+    node's own duties too: recovery at start and the heartbeat (:func:`recover_node`). As a
+    child of ``serve``'s supervisor (:mod:`dicom_ai_node.supervisor`) it runs its roles only:
+    the supervisor did the duties, ``listener`` is the DICOM socket it opened and ``status``
+    reads what it knows of its processes, for ``/healthz`` and ``/metrics``.
+
+    ``models`` maps model names to loaded models; by default, when the node works, the
+    models the routes name are loaded from the bundled packages and ``[models] dirs``.
     """
 
-    def __init__(self, settings: Settings, models: dict[str, LoadedModel] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        models: dict[str, LoadedModel] | None = None,
+        *,
+        roles: Collection[Role] = ROLES,
+        listener: socket.socket | None = None,
+        status: ProcessStatus | None = None,
+    ) -> None:
         self.settings = settings
+        self.roles = frozenset(roles)
+        self.status = status
         self.owner = worker_id(settings.node_name)
         self.engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
         self.sessions = session_factory(self.engine)
         self.read_sessions = session_factory(read_only(self.engine))
         self.spool = Spool(settings.storage.data_dir, settings.node_name)
-        self.metrics = NodeMetrics(self.read_sessions)
+        self.metrics = NodeMetrics(self.read_sessions, status)
         self.audit = AuditTrail(
             self.sessions, settings.audit, settings.node_name, self.metrics.audit_message
         )
         self.crashes = CrashRecords(settings.storage.data_dir)
         self.limits = AttemptLimits(settings.worker.max_attempts, settings.worker.max_interruptions)
-        self.models = models if models is not None else self._load_models()
+        if models is None:
+            models = self._load_models() if "work" in self.roles else {}
+        self.models = models
         self.metrics.expected.update(self._expected_rates())
         extra = tuple(
             sorted({key for route in settings.routes for key in route.where} - {"CallingAETitle"})
         )
-        self.scp = StorageSCP(
-            settings.dicom,
+        self.ingest = Ingest(
             self.spool,
-            self.sessions,
-            settings.node_name,
+            self.engine,
+            max_instance_bytes=int(settings.dicom.max_instance_mb * 2**20),
             min_free_bytes=settings.storage.min_free_mb * 1024 * 1024,
             extra_keywords=extra,
+            on_floor=self.metrics.spool_below_floor,
+        )
+        self.scp = StorageSCP(
+            settings.dicom,
+            self.ingest,
+            self.sessions,
+            settings.node_name,
             metrics=self.metrics,
             audit=self.audit,
             commitment_reports=CommitmentReports(self.sessions, settings.dispatch).handle,
+            listener=listener,
         )
         self.runner = JobRunner(
             settings,
@@ -125,7 +158,7 @@ class Node:
             tuple(settings.sources),
             frozenset(route.name for route in settings.routes),
             settings.dicom.ae_title,
-            self.scp.ingest,
+            self.ingest,
             self.audit,
         )
         self.http = HttpServer(
@@ -140,7 +173,7 @@ class Node:
             node_name=settings.node_name,
             data_dir=settings.storage.data_dir,
             audit=self.audit,
-            ingest=self.scp.ingest,
+            ingest=self.ingest,
             stow_max_bytes=int(settings.http.stow_max_mb * 2**20),
             sources=sources,
         )
@@ -161,9 +194,8 @@ class Node:
             on_queued=self.worker.wake,
             fetch_missing=sources.fetch_missing,
         )
-        self._reindex_before: float | None = None
-        self.heartbeat = Heartbeat(
-            self.sessions, settings.node_name, __version__, settings.cluster, self._reindex_late
+        self.duties = NodeDuties(
+            settings, self.engine, self.sessions, self.spool, self.crashes, self.limits
         )
 
     def _load_models(self) -> dict[str, LoadedModel]:
@@ -223,59 +255,23 @@ class Node:
     # --- start and stop --------------------------------------------------------------------
 
     def start(self) -> None:
-        """Migrate the job log, recover from a previous run, start every stage.
-
-        Recovery touches what this node left and what dead nodes left (their associations,
-        their partial files), never what a live node of the cluster is working on: with live
-        peers, spool files written in the last ``node_timeout_seconds`` are re-indexed only
-        once that time has passed (:meth:`_reindex_late`), by when their rows are committed.
-        """
-        name = self.settings.node_name
-        timeout = self.settings.cluster.node_timeout_seconds
-        upgrade(self.engine)
-        self._check_model_identities()
-        with self.sessions.begin() as session:
-            heartbeat(session, name, __version__, started=True)
-        with self.sessions.begin() as session:
-            dead = dead_nodes(session, timeout)
-            peers = live_peers(session, name, timeout)
-            lost = close_associations(session, [name, *dead])
-            requeued = recover(session, name, self.crashes.of, self.limits)
-            release_leases(session, name)
-        for owner in set(requeued.values()):
-            crash = self.crashes.of(owner)
-            if crash is not None:
-                log.warning("worker %s had crashed: %s\n%s", owner, summary(crash), crash)
-            self.crashes.forget(owner)
-        cleaned = self.spool.clean_temporary(dead)
-        now = time.time()
-        self._reindex_before = now if peers else None
-        reindexed = reindex(self.sessions, self.spool, now - timeout if peers else None)
-        if lost or requeued or cleaned or reindexed:
-            log.warning(
-                "recovered from an unclean stop: %d associations closed, jobs %s judged, "
-                "%d partial files removed, %d spool files re-indexed",
-                lost,
-                sorted(requeued),
-                cleaned,
-                reindexed,
-            )
+        """Start the roles; as the whole node, first its duties (:class:`NodeDuties`)."""
+        if self.status is None:
+            self.duties.start()
+        if "work" in self.roles:
+            self._check_model_identities()
         self.audit.start()
-        self.scp.start()
-        self.heartbeat.start()
-        self.assembler.start()
-        self.worker.start()
-        self.dispatcher.start()
-        self.http.start()
-        self.notifier.start()
-
-    def _reindex_late(self) -> None:
-        """The re-index deferred at start: files written before the start, whatever their age."""
-        if self._reindex_before is None:
-            return
-        added = reindex(self.sessions, self.spool, self._reindex_before)
-        if added:
-            log.warning("recovered from an unclean stop: %d spool files re-indexed", added)
+        if "receive" in self.roles:
+            self.scp.start()
+        if "work" in self.roles:
+            self.assembler.start()
+            self.worker.start()
+        if "dispatch" in self.roles:
+            self.dispatcher.start()
+        if "web" in self.roles:
+            self.http.start()
+        if "notify" in self.roles:
+            self.notifier.start()
 
     def _results_written(self, deliveries: int) -> None:
         self.notifier.wake()
@@ -306,16 +302,21 @@ class Node:
 
     def health(self) -> list[str]:
         """What is wrong with the node (nothing = healthy), for ``/healthz``."""
-        problems = [] if self.scp.listening else ["the DICOM listener is not listening"]
+        if self.status is not None:
+            problems = self.status.problems()
+        elif not self.scp.listening:
+            problems = ["the DICOM listener is not listening"]
+        else:
+            problems = []
         try:
             with self.read_sessions() as session:
                 session.execute(text("SELECT 1"))
         except Exception as exc:
             problems.append(f"job log: {type(exc).__name__}: {exc}")
         missing = {route.model for route in self.settings.routes} - set(self.models)
-        if missing:
+        if missing and "work" in self.roles:
             problems.append(f"models not loaded: {', '.join(sorted(missing))}")
-        if not self.scp.space_left():
+        if not self.ingest.space_left():
             problems.append(
                 f"spool below its free-space floor ({self.settings.storage.min_free_mb} MB): "
                 "refusing new instances"
@@ -323,13 +324,113 @@ class Node:
         return problems
 
     def stop(self) -> None:
-        """Stop accepting, let in-flight associations finish, stop the stages."""
+        """Stop accepting, let in-flight associations finish, stop the stages (each stops
+        whether or not it was started)."""
         self.http.stop()
-        self.scp.stop()
+        self.scp.stop(self.settings.processes.drain_seconds)
         self.assembler.stop()
-        self.heartbeat.stop()
-        self.worker.stop()
+        if self.status is None:
+            self.duties.stop()
+        self.worker.stop(self.settings.processes.drain_seconds)
         self.dispatcher.stop()
         self.notifier.stop()
         self.audit.stop()
         self.engine.dispose()
+
+
+class NodeDuties:
+    """What a node does once, however many processes run its roles: migrate the job log and
+    recover at start, keep the heartbeat, and clean up after a process of its that died.
+
+    Recovery touches what this node left and what dead nodes left (their associations,
+    their partial files), never what a live node of the cluster is working on: with live
+    peers, spool files written in the last ``node_timeout_seconds`` are re-indexed only once
+    that time has passed (the heartbeat's deferred pass), by when their rows are committed.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        sessions: sessionmaker[Session],
+        spool: Spool,
+        crashes: CrashRecords,
+        limits: AttemptLimits,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.sessions = sessions
+        self.spool = spool
+        self.crashes = crashes
+        self.limits = limits
+        self._reindex_before: float | None = None
+        self.heartbeat = Heartbeat(
+            sessions, settings.node_name, __version__, settings.cluster, self._reindex_late
+        )
+
+    def start(self) -> None:
+        """Migrate, recover from a previous run, start the heartbeat."""
+        name = self.settings.node_name
+        timeout = self.settings.cluster.node_timeout_seconds
+        upgrade(self.engine)
+        with self.sessions.begin() as session:
+            heartbeat(session, name, __version__, started=True)
+        with self.sessions.begin() as session:
+            dead = dead_nodes(session, timeout)
+            peers = live_peers(session, name, timeout)
+            lost = close_associations(session, [name, *dead])
+            requeued = recover(session, name, self.crashes.of, self.limits)
+            release_leases(session, name)
+        self._forget_crashes(set(requeued.values()))
+        self.crashes.forget_node(name)  # of processes that held no job
+        cleaned = self.spool.clean_temporary(dead)
+        now = time.time()
+        self._reindex_before = now if peers else None
+        reindexed = reindex(self.sessions, self.spool, now - timeout if peers else None)
+        if lost or requeued or cleaned or reindexed:
+            log.warning(
+                "recovered from an unclean stop: %d associations closed, jobs %s judged, "
+                "%d partial files removed, %d spool files re-indexed",
+                lost,
+                sorted(requeued),
+                cleaned,
+                reindexed,
+            )
+        self.heartbeat.start()
+
+    def process_died(self, owner: str) -> None:
+        """A process of this node (``<node>:<pid>``) died: close the associations it had
+        open, judge the jobs it ran (by its crash record, as at a restart: the crash policy of
+        docs/reliability.md) and free the deliveries it had claimed, now, without waiting for
+        leases to expire."""
+        with self.sessions.begin() as session:
+            lost = close_associations(session, (), owner)
+            requeued = recover(session, owner, self.crashes.of, self.limits)
+            released = release_leases(session, owner)
+        self._forget_crashes({owner})
+        if lost or requeued or released:
+            log.warning(
+                "process %s died: %d associations closed, jobs %s judged, %d deliveries freed",
+                owner,
+                lost,
+                sorted(requeued),
+                released,
+            )
+
+    def _forget_crashes(self, owners: set[str]) -> None:
+        for owner in owners:
+            crash = self.crashes.of(owner)
+            if crash is not None:
+                log.warning("process %s had crashed: %s\n%s", owner, summary(crash), crash)
+            self.crashes.forget(owner)
+
+    def _reindex_late(self) -> None:
+        """The re-index deferred at start: files written before the start, whatever their age."""
+        if self._reindex_before is None:
+            return
+        added = reindex(self.sessions, self.spool, self._reindex_before)
+        if added:
+            log.warning("recovered from an unclean stop: %d spool files re-indexed", added)
+
+    def stop(self) -> None:
+        self.heartbeat.stop()

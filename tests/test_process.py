@@ -25,9 +25,7 @@ pytestmark = [pytest.mark.peers, pytest.mark.slow]
 def served(tmp_path: Path) -> Iterator[Served]:
     node = Served(tmp_path)
     yield node
-    if node.proc is not None:
-        node.proc.kill()
-        node.proc.wait()
+    node.kill()
 
 
 def test_serve_with_shipped_config_answers_echo_and_stops_cleanly(served: Served) -> None:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -266,6 +266,21 @@ class GuardedServer(ThreadedAssociationServer):
     request_queue_size = 128
     guard: ConnectionGuard
 
+    def server_bind(self) -> None:
+        """Bind, or take the listening socket the AE was given (shared by the receiver
+        processes of a node). That one is non-blocking: several processes wait on it, the
+        first to accept gets the connection and the others' ``accept`` fails at once with
+        ``BlockingIOError``, which socketserver ignores, instead of blocking the loop."""
+        listener = cast(GuardedAE, self.ae).listener
+        if listener is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()
+        self.socket = listener.dup()
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
         connection, address = self.socket.accept()
@@ -325,11 +340,15 @@ class GuardedServer(ThreadedAssociationServer):
 
 
 class GuardedAE(AE):
-    """A pynetdicom AE whose listeners are :class:`GuardedServer` with ``guard``."""
+    """A pynetdicom AE whose listeners are :class:`GuardedServer` with ``guard``, on
+    ``listener`` when given (see :meth:`GuardedServer.server_bind`)."""
 
-    def __init__(self, guard: ConnectionGuard, ae_title: str) -> None:
+    def __init__(
+        self, guard: ConnectionGuard, ae_title: str, listener: socket.socket | None = None
+    ) -> None:
         super().__init__(ae_title=ae_title)
         self.guard = guard
+        self.listener = listener
 
     def make_server(  # type: ignore[override]
         self,

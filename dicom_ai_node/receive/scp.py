@@ -10,6 +10,7 @@ with an Error Comment saying why.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -34,7 +35,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ModalityPerformedProcedureStep,
     StorageCommitmentPushModel,
 )
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.audit.messages import (
@@ -53,7 +53,6 @@ from dicom_ai_node.receive.guard import ConnectionGuard, GuardedAE
 from dicom_ai_node.receive.ingest import STATUS_SUCCESS, Ingest
 from dicom_ai_node.receive.mpps import PerformedSteps, StepRefusedError
 from dicom_ai_node.receive.record import close_association, open_association
-from dicom_ai_node.spool import Spool
 from dicom_ai_node.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -114,41 +113,33 @@ def _status(code: int, comment: str) -> Dataset:
 class StorageSCP:
     """The node's listener: accepts associations and stores what they send.
 
-    ``min_free_bytes`` and ``extra_keywords`` are the :class:`Ingest`'s (``ingest``, which
-    the node's STOW-RS service shares); ``metrics`` counts instances and associations.
+    ``ingest`` stores what arrives (the node's STOW-RS service and C-GET share it);
+    ``metrics`` counts instances and associations. ``listener``, a bound and listening
+    socket, is accepted on instead of binding ``[dicom] bind`` and ``port``: the receiver
+    processes of one node share the one socket their supervisor opened.
     """
 
     def __init__(
         self,
         settings: DicomSettings,
-        spool: Spool,
+        ingest: Ingest,
         sessions: sessionmaker[Session],
         node_name: str,
         *,
-        min_free_bytes: int = 0,
-        extra_keywords: tuple[str, ...] = (),
         metrics: NodeMetrics | None = None,
         audit: AuditTrail | None = None,
         commitment_reports: Callable[[evt.Event], tuple[int, Dataset | None]] | None = None,
+        listener: socket.socket | None = None,
     ) -> None:
         self.settings = settings
         self.commitment_reports = commitment_reports
         self.audit = audit
-        self.spool = spool
+        self.spool = ingest.spool
         self.sessions = sessions
-        engine = sessions.kw["bind"]
-        assert isinstance(engine, Engine)
-        self.engine = engine
+        self.engine = ingest.engine
         self.node_name = node_name
         self.metrics = metrics
-        self.ingest = Ingest(
-            spool,
-            engine,
-            max_instance_bytes=int(settings.max_instance_mb * 2**20),
-            min_free_bytes=min_free_bytes,
-            extra_keywords=extra_keywords,
-            on_floor=metrics.spool_below_floor if metrics is not None else None,
-        )
+        self.ingest = ingest
         self.steps = PerformedSteps(sessions)
         self._associations: dict[int, _AssociationInfo] = {}
         self._lock = threading.Lock()
@@ -161,12 +152,12 @@ class StorageSCP:
             self._record_connection_refused,
         )
         self._ssl_context = server_context(settings.tls) if settings.tls.enabled else None
-        self.ae = self._make_ae()
+        self.ae = self._make_ae(listener)
         self._sop_classes = {str(cx.abstract_syntax) for cx in self.ae.supported_contexts}
 
-    def _make_ae(self) -> AE:
+    def _make_ae(self, listener: socket.socket | None) -> AE:
         s = self.settings
-        ae = GuardedAE(self.guard, s.ae_title)
+        ae = GuardedAE(self.guard, s.ae_title, listener)
         ae.maximum_associations = s.maximum_associations
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout

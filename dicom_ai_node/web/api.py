@@ -221,8 +221,9 @@ def public_router(ctx: WebContext) -> APIRouter:
         responses={503: {"model": Health, "description": "Not ready, with the reasons"}},
     )
     def healthz() -> JSONResponse:
-        """200 when the DICOM listener listens, the job log answers and the models are
-        loaded; 503 with the problems otherwise."""
+        """200 when the DICOM listener listens, the job log answers, the models are loaded
+        and (under ``serve``'s supervisor) every process of the node is up and ready; 503
+        with the problems otherwise."""
         problems = ctx.problems()
         health = Health(status="unavailable" if problems else "ok", problems=problems)
         return JSONResponse(health.model_dump(), status_code=503 if problems else 200)

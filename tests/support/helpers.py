@@ -185,3 +185,17 @@ def claim_from_threads(sessions: sessionmaker[Session], workers: int) -> list[in
     for thread in threads:
         thread.join()
     return claimed
+
+
+def acknowledged_by_storescu(storescu_log: str) -> set[str]:
+    """SOP Instance UIDs that storescu (-v) saw acknowledged: a "Sending file" line followed
+    by a successful (or warning) Store Response."""
+    acknowledged, current = set(), None
+    for line in storescu_log.splitlines():
+        if line.startswith("I: Sending file: "):
+            current = line.removeprefix("I: Sending file: ").strip()
+        elif line.startswith("I: Received Store Response (") and current is not None:
+            if "Success" in line or "Warning" in line:
+                acknowledged.add(str(dcmread(current, stop_before_pixels=True).SOPInstanceUID))
+            current = None
+    return acknowledged

@@ -1,9 +1,14 @@
-"""A `dicom-ai-node serve` process, as operators run it, for the process-level suites."""
+"""A `dicom-ai-node serve` process, as operators run it, for the process-level suites.
+
+``serve`` is a supervisor with a child process per role; it runs in a session of its own,
+so that the test can find its children and wait until the whole node is gone.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +16,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from dicom_ai_node.jobs.db import create_db_engine, read_only
+from dicom_ai_node.processes import ChildState, ProcessStatus
 from tests.support.helpers import ROOT, free_port, wait_for
 
 
@@ -19,12 +25,13 @@ class Served:
 
     def __init__(self, tmp_path: Path, config: Path | None = None) -> None:
         self.port = free_port()
+        self.http_port = free_port()
         self.data = tmp_path / "var"
         self.env = {
             **os.environ,
             "DICOM_AI_NODE_DICOM__BIND": "127.0.0.1",
             "DICOM_AI_NODE_DICOM__PORT": str(self.port),
-            "DICOM_AI_NODE_HTTP__PORT": "0",
+            "DICOM_AI_NODE_HTTP__PORT": str(self.http_port),
             "DICOM_AI_NODE_STORAGE__DATA_DIR": str(self.data),
             "DICOM_AI_NODE_STORAGE__MIN_FREE_MB": "0",
             "DICOM_AI_NODE_ASSEMBLE__STABLE_SECONDS": "0.5",
@@ -32,40 +39,90 @@ class Served:
         }
         if config is not None:
             self.env["DICOM_AI_NODE_CONFIG"] = str(config)
+        self.args: list[str] = []  # of serve, e.g. --role
         self.log = tmp_path / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait: bool = True) -> None:
-        """Start ``serve``; with ``wait``, return once it listens (failing if it exits)."""
+        """Start ``serve``; with ``wait``, return once all its processes are ready (failing
+        if it exits)."""
         if self.proc is not None and self.proc.poll() is None:
             raise AssertionError("serve is running already; stop it first (it would leak)")
+        for stale in (self.data / "run").glob("*/processes.json"):  # of a killed supervisor
+            stale.unlink()
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicom_ai_node", "serve"],
+                [sys.executable, "-m", "dicom_ai_node", "serve", *self.args],
                 env=self.env,
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
         if not wait:
             return
 
-        def listening() -> bool:
+        def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited: {self.log.read_text()}")
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", self.port)) == 0
+            return bool(self.processes()) and all(child.ready for child in self.processes())
 
-        wait_for(listening, timeout=90, interval=0.1)
+        wait_for(ready, timeout=180, interval=0.1)
+
+    def processes(self) -> list[ChildState]:
+        """The node's processes as its supervisor last described them."""
+        found = sorted((self.data / "run").glob("*/processes.json"))
+        if not found:
+            return []
+        assert len(found) == 1, found
+        return ProcessStatus(self.data, found[0].parent.name).read()
 
     def signal(self, sig: int) -> int:
+        """Send ``sig`` to the supervisor; its exit status once it and its children are gone."""
         assert self.proc is not None
-        self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=60)
-        self.proc = None
+        proc, self.proc = self.proc, None
+        proc.send_signal(sig)
+        code = proc.wait(timeout=120)
+        wait_for(lambda: not group_members(proc.pid), timeout=60, interval=0.05)
         return code
+
+    def children(self, role: str | None = None) -> list[int]:
+        """The pids of the supervisor's live children (of ``role``)."""
+        assert self.proc is not None
+        found = []
+        for pid, command in group_members(self.proc.pid).items():
+            if command[2:3] == ["child"] and role in (None, command[3]):
+                found.append(pid)
+        return sorted(found)
+
+    def kill(self) -> None:
+        """Kill the whole node at once (as when its host fails), if it runs."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        wait_for(lambda: not group_members(proc.pid), timeout=60, interval=0.05)
+
+    def url(self, path: str = "") -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
 
     def engine(self) -> Engine:
         return read_only(create_db_engine(f"sqlite:///{self.data / 'jobs.sqlite'}"))
+
+
+def group_members(pgid: int) -> dict[int, list[str]]:
+    """The live (not zombie) processes of process group ``pgid``, with their command lines."""
+    members = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members[int(stat.parent.name)] = [part.decode() for part in command if part][1:]
+    return members

@@ -1,17 +1,21 @@
 """The crash policy on a real `serve` process, without randomness (docs/reliability.md).
 
 One job, one node, a model whose network aborts the process or stalls on demand
-(:mod:`tests.support.poison`): while it aborts, every attempt crashes the node, and after
-``max_attempts`` crashes the job is failed with the crash named, while the node stays up; then
-``jobs retry`` runs it again, and this time the node is killed from outside (-9) more times than
-``max_attempts`` while the job runs: those kills are not the job's fault, and it finishes.
+(:mod:`tests.support.poison`): while it aborts, every attempt crashes the worker process, which
+the supervisor restarts, and after ``max_attempts`` crashes the job is failed with the crash
+named, while the node stays up; then ``jobs retry`` runs it again, and this time the worker
+process and then the whole node are killed from outside (-9), more times than
+``max_attempts``, while the job runs: those kills are not the job's fault, and it finishes.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import urllib.request
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -56,25 +60,38 @@ def test_poison_job_fails_after_its_crashes_and_outside_kills_do_not_count(
     def running_here() -> bool:
         assert served.proc is not None and served.proc.poll() is None, served.log.read_text()
         found = job()
-        return found is not None and found.lease_owner == f"crashtest:{served.proc.pid}"
+        workers = served.children("work")
+        return found is not None and [found.lease_owner] == [f"crashtest:{w}" for w in workers]
+
+    def work_restarts() -> str:
+        metrics = urllib.request.urlopen(served.url("/metrics"), timeout=10).read().decode()
+        return next(
+            str(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith('dicom_ai_node_process_restarts_total{role="work"')
+        )
+
+    def judged(interruptions: int) -> bool:
+        found = job()
+        return found is not None and found.interruptions == interruptions
 
     (tripwire / "abort").touch()
     served.start()
     try:
+        supervisor = served.proc
         run_tool(
             "dcmsend", "-aec", "AINODE", "127.0.0.1", str(served.port), "+sd", "+r", str(study)
         )
-        for crash in range(1, MAX_ATTEMPTS + 1):
-            assert served.proc is not None
-            assert served.proc.wait(timeout=120) == -signal.SIGABRT
-            # a restart may crash again before it listens; the last one fails the job at
-            # start-up instead of running it, and stays up
-            served.start(wait=crash == MAX_ATTEMPTS)
-        failed = wait_for(lambda: (j := job()) is not None and j.state == "failed" and j)
+        failed = wait_for(
+            lambda: (j := job()) is not None and j.state == "failed" and j, timeout=240
+        )
         assert (failed.attempts, failed.interruptions) == (MAX_ATTEMPTS, 0)
         assert f"crashed on this job {MAX_ATTEMPTS} times (Fatal Python error: Aborted)" in (
             failed.error or ""
         )
+        assert served.proc is supervisor and supervisor is not None
+        assert supervisor.poll() is None  # the node stayed up
+        assert wait_for(lambda: work_restarts() == f"{MAX_ATTEMPTS}.0" or None) is True
         run_tool("echoscu", "-aec", "AINODE", "127.0.0.1", str(served.port))
 
         (tripwire / "abort").unlink()
@@ -88,11 +105,15 @@ def test_poison_job_fails_after_its_crashes_and_outside_kills_do_not_count(
             timeout=60,
         )
         assert retried.returncode == 0, retried.stderr
-        for _kill in range(KILLS):
-            wait_for(running_here, timeout=60)
-            served.signal(signal.SIGKILL)
-            served.start()
-        wait_for(running_here, timeout=60)
+        for kill in range(KILLS):
+            wait_for(running_here, timeout=120)
+            if kill % 2 == 0:  # the worker process: the supervisor restarts it
+                os.kill(served.children("work")[0], signal.SIGKILL)
+            else:  # the whole node: started again
+                served.signal(signal.SIGKILL)
+                served.start()
+            wait_for(partial(judged, kill + 1), timeout=120)
+        wait_for(running_here, timeout=120)
         (tripwire / "stall").unlink()
         done = wait_for(lambda: (j := job()) is not None and j.state == "done" and j, timeout=60)
         assert (done.attempts, done.interruptions) == (KILLS + 1, KILLS)
@@ -100,9 +121,9 @@ def test_poison_job_fails_after_its_crashes_and_outside_kills_do_not_count(
             messages = [e.message for e in session.scalars(select(Event).where(Event.job_id == 1))]
         assert sum("interrupted, not counted" in m for m in messages) == KILLS
         assert sum("counted as failed: its worker process" in m for m in messages) == 1
-        assert not list((served.data / "crashes").glob("crashtest_*.log"))[1:]  # only the live one
+        # crash records: only the live processes', none left of the dead
+        live = {f"crashtest_{pid}.log" for pid in served.children()}
+        assert {p.name for p in (served.data / "crashes").glob("*.log")} <= live
     finally:
-        if served.proc is not None:
-            served.proc.kill()
-            served.proc.wait()
+        served.kill()
         engine.dispose()

@@ -22,7 +22,15 @@ from sqlalchemy.orm import Session
 from dicom_ai_node.jobs.models import Delivery, Event, Instance, Job, Result
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.support.helpers import free_port, instance, received_uids, run_tool, storescp, wait_for
+from tests.support.helpers import (
+    acknowledged_by_storescu,
+    free_port,
+    instance,
+    received_uids,
+    run_tool,
+    storescp,
+    wait_for,
+)
 from tests.support.served import Served
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
@@ -90,20 +98,6 @@ def test_full_disk_refuses_with_out_of_resources_and_resumes_by_itself(
         assert session.scalar(select(func.count()).select_from(Instance)) == 2
 
 
-def _acknowledged(storescu_log: str) -> set[str]:
-    """SOP Instance UIDs that storescu (-v) saw acknowledged: a "Sending file" line followed
-    by a successful (or warning) Store Response."""
-    acknowledged, current = set(), None
-    for line in storescu_log.splitlines():
-        if line.startswith("I: Sending file: "):
-            current = line.removeprefix("I: Sending file: ").strip()
-        elif line.startswith("I: Received Store Response (") and current is not None:
-            if "Success" in line or "Warning" in line:
-                acknowledged.add(str(dcmread(current, stop_before_pixels=True).SOPInstanceUID))
-            current = None
-    return acknowledged
-
-
 def _acknowledged_by_dcmsend(dcmsend_log: str, files: list[Path]) -> set[str]:
     """SOP Instance UIDs that dcmsend (-v, one association) saw acknowledged: message N
     carries the N-th file."""
@@ -145,7 +139,7 @@ def test_kill_mid_association_keeps_every_acknowledged_instance(
         served.signal(signal.SIGKILL)
         _, log = sender.communicate(timeout=60)
         assert sender.returncode != 0  # the association died under it
-        acknowledged = _acknowledged(log)
+        acknowledged = acknowledged_by_storescu(log)
         assert 0 < len(acknowledged) < len(files)  # killed in the middle of the series
         served.start()  # restart: re-indexes the spool, closes the lost association
         with Session(engine) as session:
@@ -155,9 +149,7 @@ def test_kill_mid_association_keeps_every_acknowledged_instance(
         assert not list(served.data.rglob(".tmp-*"))
         engine.dispose()
     finally:
-        if served.proc is not None:
-            served.proc.kill()
-            served.proc.wait()
+        served.kill()
 
 
 CHAOS_MIN_KILLS, CHAOS_MAX_KILLS = 5, 12
@@ -259,9 +251,7 @@ def test_chaos_thirty_studies_with_random_kills(tmp_path: Path) -> None:
                 if job.state == "failed"
             }
     finally:
-        if served.proc is not None:
-            served.proc.kill()
-            served.proc.wait()
+        served.kill()
         engine.dispose()
     sent = {
         str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
@@ -356,7 +346,5 @@ def test_kill_during_delivery_and_restart_delivers_each_result_once(tmp_path: Pa
             assert received_uids(folder) == recorded
         assert len(recorded) == 4
     finally:
-        if served.proc is not None:
-            served.proc.kill()
-            served.proc.wait()
+        served.kill()
         engine.dispose()
