@@ -114,6 +114,12 @@ def worker_id(node_name: str | None = None) -> str:
     return f"{node_name or socket.gethostname()}:{os.getpid()}"
 
 
+def node_of(owner: str) -> str:
+    """The node of a lease owner (:func:`worker_id`): ``<node>`` of ``<node>:<pid>``."""
+    node, colon, _pid = owner.rpartition(":")
+    return node if colon else owner
+
+
 def job_key(level: str, study: str, series: str | None, generation: int, route: str) -> str:
     """The job's unique key: one job per series (or study), generation and route."""
     return f"{level}:{series or study}:{generation}:{route}"
@@ -214,8 +220,9 @@ def claim(
     max_attempts: int,
     now: datetime | None = None,
 ) -> Job | None:
-    """Claim the most urgent queued job for ``owner`` and mark it running; ``None`` when there
-    is none. (Running jobs whose lease expired are put back by :func:`reap_expired` first.)
+    """Claim the most urgent queued job for ``owner`` and mark it running, ``ran_by`` its
+    node; ``None`` when there is none. (Running jobs whose lease expired are put back by
+    :func:`reap_expired` first.)
     """
     now = now or utcnow()
     next_id = (
@@ -236,6 +243,7 @@ def claim(
             state=JobState.RUNNING.value,
             lease_owner=owner,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
+            ran_by=node_of(owner),
             attempts=Job.attempts + 1,
             started_at=now,
             updated_at=now,
