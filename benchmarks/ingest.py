@@ -1,26 +1,49 @@
-"""Ingest throughput: the node versus DCMTK ``storescp``, same data, same sender, same run.
+"""Ingest throughput: the node versus DCMTK and a bare pynetdicom SCP, same data, same run.
 
-Sends 200 CT-sized instances (512x512, 16 bit, explicit VR little endian) with DCMTK
-``storescu`` over one association on loopback, to DCMTK ``storescp`` in its fastest
-configuration (bit-preserving, no fsync) and to ``dicom-ai-node serve`` (which fsyncs every
-file and commits its row before answering). Prints images per second for both, their ratio
-and the node's peak RSS. ``TCP_NODELAY=1`` is set for the DCMTK tools: without it they stall
-on delayed ACKs over loopback.
+Sends CT-sized instances (512x512, 16 bit, explicit VR little endian; 200 by default) with
+DCMTK ``storescu`` on loopback, split between 1, 4 and 8 ``storescu`` processes at once (each
+its own association), to:
 
-Usage: ``python benchmarks/ingest.py [--count 200] [--repeat 3]``
+- ``dicom-ai-node serve``, which fsyncs every file and commits its row before answering. For
+  ``N`` senders it is started with ``DICOM_AI_NODE_PROCESSES__RECEIVE`` set to ``min(N,
+  cores)`` receiver processes (the supervisor's ``[processes] receive``; a node without a
+  supervisor ignores the variable);
+- DCMTK ``storescp --fork`` (a process per association, bit-preserving, no fsync): what the
+  machine can do;
+- for 1 sender, ``benchmarks/bare_scp.py``: pynetdicom writing and fsyncing each file and
+  nothing else, the floor our libraries set.
+
+Then ingest under inference: a node with the ``head-ct`` route (``head-ct-hemorrhage-demo``)
+takes one series with 1 sender while idle, then is sent a 200-slice head CT and, once that
+CT's job is running, another series; the share of that ingest during which a job was running
+is printed with it. Every server's process tree is sampled while it runs, and the peak RSS
+(``VmHWM`` of ``/proc/<pid>/status``) of each process in it is printed, children included.
+
+Each case is run ``--repeat`` times with series of their own (fresh UIDs) on the same server;
+medians are printed, with the ratios against the goals of issue 10. ``TCP_NODELAY=1`` is set
+for the DCMTK tools: without it they stall on delayed ACKs over loopback. Other processes on
+the machine make the figures noisy; the ratios compare cases of one run.
+
+Usage: ``.venv/bin/python benchmarks/ingest.py [--count 200] [--repeat 3] [--quick]``
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,23 +52,25 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from dicom_ai_node.jobs.db import create_db_engine
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-ENV = {**os.environ, "TCP_NODELAY": "1"}
+from dicom_ai_node.synth import Label, Task, generate_studies  # noqa: E402
+from tests.support.helpers import DCMTK_ENV, free_port, wait_for  # noqa: E402
+
+SENDERS = (1, 4, 8)
+CORES = os.cpu_count() or 1
+GOALS = {"1 sender / bare SCP": 0.9, "4 senders / 1 sender": 1.6, "under inference / idle": 0.8}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def make_instances(folder: Path, count: int) -> list[Path]:
-    """``count`` CT images of one series, 512x512 16-bit noise (about 0.5 MB each)."""
-    rng = np.random.default_rng(0)
+def make_series(folder: Path, count: int, seed: int) -> list[Path]:
+    """``count`` CT images of one new series, 512x512 16-bit noise (about 0.5 MB each)."""
+    rng = np.random.default_rng(seed)
     study, series = generate_uid(), generate_uid()
-    paths = []
+    folder.mkdir(parents=True)
     template = dcmread(str(get_testdata_file("CT_small.dcm")))
+    paths = []
     for n in range(count):
         ds = template.copy()
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
@@ -63,17 +88,7 @@ def make_instances(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def send(port: int, aet: str, files: list[Path], senders: int) -> float:
+def send(port: int, aet: str, files: Sequence[Path], senders: int) -> float:
     """Seconds for ``senders`` storescu processes at once to send ``files`` (split between
     them), each over one association."""
     # Dirty pages left by an earlier run (storescp does not fsync) would otherwise be
@@ -83,110 +98,361 @@ def send(port: int, aet: str, files: list[Path], senders: int) -> float:
     procs = [
         subprocess.Popen(
             ["storescu", "-aec", aet, "127.0.0.1", str(port), *map(str, files[n::senders])],
-            env=ENV,
+            env=DCMTK_ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         for n in range(senders)
     ]
     if any(proc.wait() != 0 for proc in procs):
-        raise RuntimeError("storescu failed")
+        raise RuntimeError(f"storescu to {aet} failed")
     return time.perf_counter() - start
 
 
-def peak_rss_mb(pid: int) -> float:
+# --- peak RSS of a process tree ------------------------------------------------------------
+
+
+def _descendants(root: int) -> list[int]:
+    """``root`` and every process below it (children of children included)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4, after "(comm)"
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def _command(pid: int) -> str:
+    """A short name for a process: the program, or a Python program's arguments."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    if not argv:
+        return "?"
+    if "python" in Path(argv[0]).name:
+        argv = argv[1:]
+        if argv and argv[0].endswith(".py"):
+            argv[0] = Path(argv[0]).name
+        return " ".join(a for a in argv[:6] if not a.startswith("/") and not a.isdigit())
+    return Path(argv[0]).name
+
+
+def _peak_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-    return float("nan")
+    return 0.0
 
 
-def run_storescp(files: list[Path], work: Path, repeat: int, senders: int) -> list[float]:
-    times = []
-    for i in range(repeat):
-        out = work / f"storescp-{i}"
+@dataclass
+class TreeSampler:
+    """Samples the process tree under ``root`` until stopped, keeping each process's peak
+    RSS (``VmHWM``): children that come and go (a receiver per association, a restarted
+    worker) are caught while they live."""
+
+    root: int
+    interval: float = 0.1
+    peaks: dict[int, tuple[str, float]] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def sample(self) -> None:
+        for pid in _descendants(self.root):
+            try:
+                command, peak = _command(pid), _peak_mb(pid)
+            except OSError:  # ended meanwhile
+                continue
+            if peak:
+                self.peaks[pid] = (command, max(peak, self.peaks.get(pid, ("", 0.0))[1]))
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def summary(self) -> str:
+        """One entry per command: how many processes ran it and the largest peak."""
+        by_command: dict[str, list[float]] = {}
+        for command, peak in self.peaks.values():
+            by_command.setdefault(command, []).append(peak)
+        return "; ".join(
+            f"{command} x{len(peaks)}: max {max(peaks):.0f} MB (sum {sum(peaks):.0f})"
+            if len(peaks) > 1
+            else f"{command}: {peaks[0]:.0f} MB"
+            for command, peaks in by_command.items()
+        )
+
+
+@dataclass
+class Server:
+    """One server under test, started by :func:`serving`."""
+
+    label: str
+    port: int
+    aet: str
+    sampler: TreeSampler
+
+
+@contextmanager
+def serving(
+    label: str, command: list[str], port: int, aet: str, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """Run ``command`` (a server on ``port``) with its process tree sampled, until exit."""
+    proc = subprocess.Popen(
+        command,
+        env=env or DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    sampler = TreeSampler(proc.pid)
+    thread = threading.Thread(target=sampler.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: proc.poll() is not None or _listening(port), timeout=180)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{label} exited ({proc.returncode}) before listening")
+        yield Server(label, port, aet, sampler)
+        sampler.sample()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+        sampler.stop()
+        thread.join()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --- the servers ---------------------------------------------------------------------------
+
+
+def node_command(
+    work: Path, name: str, receivers: int, routes: bool
+) -> tuple[list[str], dict[str, str], int]:
+    """How to start ``serve`` with its data in ``work/name``: command, environment, port."""
+    port = free_port()
+    config = work / f"{name}.toml"
+    # every sender comes from 127.0.0.1 with one AE title: allow them all at once
+    text = (
+        '[dicom]\nbind = "127.0.0.1"\nmaximum_associations = 16\n'
+        "[dicom.limits]\nmax_associations_per_address = 16\nmax_associations_per_ae = 16\n"
+        '[logging]\nlevel = "WARNING"\n[storage]\nmin_free_mb = 0\n'
+    )
+    if routes:  # the series completes 1 s after its last image; the CT's job then runs
+        text += (
+            "[assemble]\nstable_seconds = 1\n"
+            '[[routes]]\nname = "head-ct"\nmodel = "head-ct-hemorrhage-demo"\n'
+            'where = { Modality = ["CT"], BodyPartExamined = ["HEAD"] }\n'
+            'outputs = ["sr", "sc", "kos"]\ndestinations = ["outbox"]\n'
+        )
+    else:  # no route, and no series completes during the run
+        text += "[assemble]\nstable_seconds = 3600\n"
+    config.write_text(text)
+    env = {
+        **DCMTK_ENV,
+        "PYTHONPATH": str(ROOT),
+        "DICOM_AI_NODE_CONFIG": str(config),
+        "DICOM_AI_NODE_DICOM__PORT": str(port),
+        "DICOM_AI_NODE_HTTP__PORT": "0",
+        "DICOM_AI_NODE_STORAGE__DATA_DIR": str(work / name),
+        "DICOM_AI_NODE_PROCESSES__RECEIVE": str(receivers),
+    }
+    return [sys.executable, "-m", "dicom_ai_node", "serve"], env, port
+
+
+def stored_instances(work: Path, name: str) -> int:
+    """How many instances the node's job log holds."""
+    with sqlite3.connect(work / name / "jobs.sqlite") as db:
+        return int(db.execute("SELECT count(*) FROM instances").fetchone()[0])
+
+
+def rates(server: Server, sets: Sequence[Sequence[Path]], senders: int) -> list[float]:
+    """Images per second for each set of files sent to ``server``."""
+    return [len(files) / send(server.port, server.aet, files, senders) for files in sets]
+
+
+@dataclass
+class Results:
+    rate: dict[tuple[str, int], float] = field(default_factory=dict)  # (server, senders)
+    rss: dict[str, str] = field(default_factory=dict)  # server label -> summary
+    receivers: dict[int, int] = field(default_factory=dict)  # senders -> receive processes
+    coverage: float = 0.0  # share of the ingest under inference with a job running
+
+
+def run_senders(work: Path, sets: list[list[Path]], results: Results) -> None:
+    """1, 4 and 8 senders into the node and into ``storescp --fork``; 1 into the bare SCP."""
+    for senders in SENDERS:
+        out = work / f"storescp-{senders}"
         out.mkdir()
         port = free_port()
-        fork = ["--fork"] if senders > 1 else []  # one process per association
-        proc = subprocess.Popen(
-            ["storescp", *fork, "--bit-preserving", "-od", str(out), str(port)],
-            env=ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_port(port)
-            times.append(send(port, "STORESCP", files, senders))
-        finally:
-            proc.terminate()
-            proc.wait()
-        assert len(list(out.iterdir())) == len(files), "storescp lost files"
+        command = ["storescp", "--fork", "--bit-preserving", "-od", str(out), str(port)]
+        with serving(f"storescp --fork, {senders} sender(s)", command, port, "STORESCP") as server:
+            runs = rates(server, sets, senders)
+        results.rss[server.label] = server.sampler.summary()
+        results.rate["storescp", senders] = statistics.median(runs)
+        if sum(1 for _ in out.iterdir()) != sum(map(len, sets)):
+            raise RuntimeError("storescp lost files")
         shutil.rmtree(out)
-    return times
+
+        receivers = min(senders, CORES)
+        results.receivers[senders] = receivers
+        name = f"node-{senders}"
+        command, env, port = node_command(work, name, receivers, routes=False)
+        label = f"node, {senders} sender(s), receive={receivers}"
+        with serving(label, command, port, "AINODE", env) as server:
+            runs = rates(server, sets, senders)
+        results.rss[label] = server.sampler.summary()
+        results.rate["node", senders] = statistics.median(runs)
+        if (stored := stored_instances(work, name)) != sum(map(len, sets)):
+            raise RuntimeError(f"node recorded {stored} of {sum(map(len, sets))}")
+        shutil.rmtree(work / name)
+
+    out = work / "bare"
+    out.mkdir()
+    port = free_port()
+    command = [sys.executable, str(ROOT / "benchmarks" / "bare_scp.py"), str(port), str(out)]
+    with serving("bare pynetdicom SCP, 1 sender", command, port, "BARESCP") as server:
+        results.rate["bare", 1] = statistics.median(rates(server, sets, 1))
+    results.rss[server.label] = server.sampler.summary()
+    shutil.rmtree(out)
 
 
-def run_node(files: list[Path], work: Path, repeat: int, senders: int) -> tuple[list[float], float]:
-    times, rss = [], 0.0
-    for i in range(repeat):
-        data = work / f"node-{i}"
-        port = free_port()
-        env = {
-            **ENV,
-            "DICOM_AI_NODE_CONFIG": str(work / "bench.toml"),
-            "DICOM_AI_NODE_DICOM__PORT": str(port),
-            "DICOM_AI_NODE_HTTP__PORT": "0",
-            "DICOM_AI_NODE_STORAGE__DATA_DIR": str(data),
-        }
-        (work / "bench.toml").write_text(
-            '[dicom]\nbind = "127.0.0.1"\n[logging]\nlevel = "WARNING"\n'
-            "[assemble]\nstable_seconds = 3600\n"
+def _job_running(work: Path, name: str) -> bool:
+    with sqlite3.connect(work / name / "jobs.sqlite") as db:
+        return db.execute("SELECT 1 FROM jobs WHERE state = 'running'").fetchone() is not None
+
+
+def watching(probe: Callable[[], bool], run: Callable[[], float]) -> tuple[float, float]:
+    """``run()``'s result, and the share of the samples of ``probe()`` (every 50 ms while it
+    ran) that were true."""
+    samples: list[bool] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.05):
+            samples.append(probe())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = run()
+    finally:
+        done.set()
+        watcher.join()
+    return result, sum(samples) / max(len(samples), 1)
+
+
+def run_under_inference(
+    work: Path, idle: list[list[Path]], busy: list[list[Path]], ct: list[Path], results: Results
+) -> None:
+    """1 sender into a node with the head CT route: idle, then while the CT is inferred.
+
+    The CT is sent again before each busy set: a series received again once complete is a
+    new generation, so it is inferred again.
+    """
+    name = "node-infer"
+    command, env, port = node_command(work, name, 1, routes=True)
+    label = "node under inference, 1 sender, receive=1"
+    with serving(label, command, port, "AINODE", env) as server:
+        results.rate["idle", 1] = statistics.median(rates(server, idle, 1))
+        busy_rates, covered = [], []
+        for files in busy:
+            send(server.port, server.aet, ct, 1)
+            wait_for(lambda: _job_running(work, name), timeout=120)
+            seconds, share = watching(
+                lambda: _job_running(work, name),
+                functools.partial(send, server.port, server.aet, files, 1),
+            )
+            busy_rates.append(len(files) / seconds)
+            covered.append(share)
+            wait_for(lambda: not _job_running(work, name), timeout=600)
+        results.rate["busy", 1] = statistics.median(busy_rates)
+        results.coverage = min(covered)
+    results.rss[label] = server.sampler.summary()
+
+
+def report(results: Results, count: int, size_mb: float, repeat: int, slices: int) -> None:
+    r = results.rate
+    print(f"command: {' '.join([sys.executable, *sys.argv])}")
+    print(
+        f"{count} CT images 512x512x16 per series ({size_mb:.0f} MB), split between the "
+        f"senders (storescu, one association each); median of {repeat}; {CORES} cores"
+    )
+    print(
+        f"{'senders':>7} {'receive=':>8} {'node img/s':>11} {'storescp --fork':>16} "
+        f"{'node/storescp':>14} {'x 1 sender':>11}"
+    )
+    for senders in SENDERS:
+        node, dcmtk = r["node", senders], r["storescp", senders]
+        print(
+            f"{senders:7d} {results.receivers[senders]:8d} {node:11.1f} {dcmtk:16.1f} "
+            f"{node / dcmtk:14.2f} {node / r['node', 1]:11.2f}"
         )
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_ai_node", "serve"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_port(port)
-            times.append(send(port, "AINODE", files, senders))
-            rss = max(rss, peak_rss_mb(proc.pid))
-        finally:
-            proc.terminate()
-            proc.wait()
-        engine = create_db_engine(f"sqlite:///{data / 'jobs.sqlite'}")
-        with engine.connect() as conn:
-            stored: int = conn.exec_driver_sql("SELECT count(*) FROM instances").scalar_one()
-        engine.dispose()
-        assert stored == len(files), f"node recorded {stored} of {len(files)}"
-        shutil.rmtree(data)
-    return times, rss
+    print(f"bare pynetdicom SCP (write + fsync only), 1 sender: {r['bare', 1]:.1f} img/s")
+    print(
+        f"node with the head-ct route, 1 sender: idle {r['idle', 1]:.1f} img/s, while a "
+        f"{slices}-slice CT is inferred {r['busy', 1]:.1f} img/s (a job ran during "
+        f"{results.coverage:.0%} of that ingest at least)"
+    )
+    print("goals (same-run ratios):")
+    ratios = {
+        "1 sender / bare SCP": r["node", 1] / r["bare", 1],
+        "4 senders / 1 sender": r["node", 4] / r["node", 1],
+        "under inference / idle": r["busy", 1] / r["idle", 1],
+    }
+    for name, ratio in ratios.items():
+        goal = GOALS[name]
+        print(f"  {name:24} {ratio:5.2f}  goal >= {goal}: {'ok' if ratio >= goal else 'MISSED'}")
+    print(f"  {'8 senders / 1 sender':24} {r['node', 8] / r['node', 1]:5.2f}")
+    print("peak RSS (VmHWM) of each process of each server's tree:")
+    for label, summary in results.rss.items():
+        print(f"  {label}: {summary}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--senders", type=int, default=1, help="storescu processes at once")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
-        work = Path(tmp)
-        source = work / "source"
-        source.mkdir()
-        files = make_instances(source, args.count)
-        size_mb = sum(f.stat().st_size for f in files) / 1e6
-        dcmtk = run_storescp(files, work, args.repeat, args.senders)
-        node, rss = run_node(files, work, args.repeat, args.senders)
-    dcmtk_rate = args.count / statistics.median(dcmtk)
-    node_rate = args.count / statistics.median(node)
-    print(
-        f"{args.count} instances, {size_mb:.0f} MB, {args.senders} storescu at once "
-        f"(one association each), median of {args.repeat}"
+    parser.add_argument("--count", type=int, default=200, help="images per series")
+    parser.add_argument("--repeat", type=int, default=3, help="series per case (median)")
+    parser.add_argument("--ct-slices", type=int, default=200, help="slices of the inferred CT")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: 24 images, 1 series, 24-slice CT"
     )
-    print(f"DCMTK storescp (bit-preserving, no fsync): {dcmtk_rate:8.1f} images/s")
-    print(f"dicom-ai-node (fsync + job log commit):    {node_rate:8.1f} images/s")
-    print(f"ratio node / storescp:                     {node_rate / dcmtk_rate:8.2f}")
-    print(f"node peak RSS:                             {rss:8.1f} MB")
+    args = parser.parse_args()
+    if args.quick:
+        args.count, args.repeat, args.ct_slices = 24, 1, 24
+    with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
+        work = Path(tmp)
+        sets = [
+            make_series(work / "source" / f"{i}", args.count, i) for i in range(args.repeat * 3)
+        ]
+        idle, busy = sets[args.repeat : 2 * args.repeat], sets[2 * args.repeat :]
+        (ct_study,) = generate_studies(
+            Task.HEAD_CT_HEMORRHAGE,
+            Label.POSITIVE,
+            1,
+            work / "ct",
+            0,
+            slices=args.ct_slices,
+            size=512,
+        )
+        ct = sorted(ct_study.rglob("*.dcm"))
+        size_mb = sum(f.stat().st_size for f in sets[0]) / 1e6
+        results = Results()
+        run_senders(work, sets[: args.repeat], results)
+        run_under_inference(work, idle, busy, ct, results)
+    report(results, args.count, size_mb, args.repeat, args.ct_slices)
 
 
 if __name__ == "__main__":

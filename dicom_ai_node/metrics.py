@@ -1,11 +1,12 @@
 """Prometheus metrics of one node, in a registry of its own.
 
 Counters and histograms are fed by the node's stages through :class:`NodeMetrics` methods;
-job and queue gauges are read from the job log at scrape time (so they are right whichever
-process or host did the work). A registry per node lets several nodes run in one process
-(tests) without clashing. Under ``serve``'s supervisor each role has processes of its own:
-their values go to the node's multiprocess folder (``PROMETHEUS_MULTIPROC_DIR``, set by the
-supervisor) and ``/metrics`` adds them up, with the state and restarts of each process.
+job, queue and cluster gauges are read from the job log at scrape time (so they are right
+whichever process or host did the work, and any node's ``/metrics`` shows every node's
+heartbeat). A registry per node lets several nodes run in one process (tests) without
+clashing. Under ``serve``'s supervisor each role has processes of its own: their values go to
+the node's multiprocess folder (``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor) and
+``/metrics`` adds them up, with the state and restarts of each process.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_ai_node.config import ClusterSettings
 from dicom_ai_node.infer.evaluation import ExpectedRate
 from dicom_ai_node.jobs.models import utcnow
+from dicom_ai_node.jobs.nodes import cluster_nodes
 from dicom_ai_node.jobs.stats import (
     feedback_counts,
     jobs_by_state,
@@ -40,13 +43,18 @@ _END_TO_END_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 
 
 class _JobLogCollector(Collector):
-    """Jobs by state and queue depths, counted in the job log at each scrape."""
+    """Jobs by state, queue depths and the cluster's nodes, read in the job log at each
+    scrape."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], expected: Mapping[str, ExpectedRate]
+        self,
+        sessions: sessionmaker[Session],
+        expected: Mapping[str, ExpectedRate],
+        node_timeout_seconds: float,
     ) -> None:
         self.sessions = sessions
         self.expected = expected
+        self.node_timeout_seconds = node_timeout_seconds
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(f"{PREFIX}_database_up", "1 if the job log answered the scrape")
@@ -56,6 +64,7 @@ class _JobLogCollector(Collector):
                 depth = queue_depth(session)
                 feedback = feedback_counts(session)
                 today = [r for r in positive_rates(session, days=1) if r.day == utcnow().date()]
+                nodes = cluster_nodes(session, self.node_timeout_seconds)
         except SQLAlchemyError:
             log.warning("metrics: the job log did not answer", exc_info=True)
             up.add_metric([], 0)
@@ -105,6 +114,21 @@ class _JobLogCollector(Collector):
                 drift.add_metric([day.model, day.version], float(not expected.contains(day.rate)))
         yield rates
         yield drift
+        alive = GaugeMetricFamily(
+            f"{PREFIX}_node_up",
+            "1 while a node of the cluster has sent a heartbeat within node_timeout_seconds",
+            labels=["node"],
+        )
+        age = GaugeMetricFamily(
+            f"{PREFIX}_node_heartbeat_age_seconds",
+            "Seconds since each node of the cluster last wrote its heartbeat to the job log",
+            labels=["node"],
+        )
+        for node in nodes:
+            alive.add_metric([node.name], float(node.live))
+            age.add_metric([node.name], node.heartbeat_age_seconds)
+        yield alive
+        yield age
 
 
 class _ProcessCollector(Collector):
@@ -132,19 +156,23 @@ class _ProcessCollector(Collector):
 class NodeMetrics:
     """The metrics of one node; the stages call the methods, ``/metrics`` exposes them.
 
-    ``sessions`` reads the job log at scrape time (give the node's read-only sessions).
-    ``status``, for a process of ``serve``'s supervisor, is where the node's processes are
-    described and keep their values; ``/metrics`` then shows all of them.
+    ``sessions`` reads the job log at scrape time (give the node's read-only sessions);
+    a node whose heartbeat is older than ``node_timeout_seconds`` is shown down. ``status``,
+    for a process of ``serve``'s supervisor, is where the node's processes are described and
+    keep their values; ``/metrics`` then shows all of them.
     """
 
     def __init__(
-        self, sessions: sessionmaker[Session], status: ProcessStatus | None = None
+        self,
+        sessions: sessionmaker[Session],
+        node_timeout_seconds: float = ClusterSettings().node_timeout_seconds,
+        status: ProcessStatus | None = None,
     ) -> None:
         #: Per model name, the positive rate its package's evaluation leads to expect.
         #: (the node fills it once its models are loaded; the collector reads it at each scrape)
         self.expected: dict[str, ExpectedRate] = {}
         self.registry = CollectorRegistry()
-        joblog = _JobLogCollector(sessions, self.expected)
+        joblog = _JobLogCollector(sessions, self.expected, node_timeout_seconds)
         if status is None:
             self.registry.register(joblog)
             self._exposed = self.registry

@@ -93,7 +93,9 @@ class Node:
         self.sessions = session_factory(self.engine)
         self.read_sessions = session_factory(read_only(self.engine))
         self.spool = Spool(settings.storage.data_dir, settings.node_name)
-        self.metrics = NodeMetrics(self.read_sessions, status)
+        self.metrics = NodeMetrics(
+            self.read_sessions, settings.cluster.node_timeout_seconds, status
+        )
         self.audit = AuditTrail(
             self.sessions, settings.audit, settings.node_name, self.metrics.audit_message
         )
@@ -176,6 +178,7 @@ class Node:
             ingest=self.ingest,
             stow_max_bytes=int(settings.http.stow_max_mb * 2**20),
             sources=sources,
+            node_timeout_seconds=settings.cluster.node_timeout_seconds,
         )
         self.notifier = Notifier(
             self.sessions,

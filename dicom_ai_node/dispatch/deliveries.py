@@ -38,7 +38,7 @@ from dicom_ai_node.jobs.models import (
 )
 from dicom_ai_node.jobs.outbox import Retries, Settled, settle
 from dicom_ai_node.jobs.outbox import claim_due as claim_leased
-from dicom_ai_node.jobs.queue import held_by, settle_job
+from dicom_ai_node.jobs.queue import held_by, node_of, settle_job
 from dicom_ai_node.jobs.store import add_event, upsert
 from dicom_ai_node.spool import Spool
 from dicom_ai_node.tls import client_context, peer_context
@@ -164,9 +164,11 @@ def record_outcome(
     settings: DispatchSettings,
     now: datetime | None = None,
     commitment: bool = False,
+    sent_by: str | None = None,
 ) -> int | None:
     """Record one attempt; schedule the next one or close the delivery (with
-    ``commitment``, a stored result waits as ``sent`` for the peer to commit it).
+    ``commitment``, a stored result waits as ``sent`` for the peer to commit it). A stored
+    result records ``sent_by``, the node whose dispatcher sent it.
 
     Returns the job's id when this completed the delivery of its results (job now ``done``).
     """
@@ -182,6 +184,7 @@ def record_outcome(
     status = f"0x{outcome.status:04X}" if outcome.status is not None else "no status"
     if settled is Settled.SENT:
         delivery.delivered_at = now
+        delivery.sent_by = sent_by
         delivery.commitment_requested_at = now if commitment else None
         kind, message = "delivered", f"sent {what}: {status}"
     elif settled is Settled.FAILED:
@@ -251,6 +254,7 @@ class Dispatcher:
         self.sessions = sessions
         self.settings = settings
         self.owner = owner
+        self.node_name = node_of(owner)
         self.spool = spool
         self.on_outcome = on_outcome
         self.on_delivered = on_delivered
@@ -289,7 +293,12 @@ class Dispatcher:
             delivery, _ = by_path[outcome.path]
             with self.sessions.begin() as session:
                 done_job = record_outcome(
-                    session, delivery.id, outcome, self.settings, commitment=commitment
+                    session,
+                    delivery.id,
+                    outcome,
+                    self.settings,
+                    commitment=commitment,
+                    sent_by=self.node_name,
                 )
                 received = last_received(session, done_job) if done_job is not None else None
             if received is not None and self.on_delivered is not None:

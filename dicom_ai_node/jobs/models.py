@@ -184,6 +184,9 @@ class Job(Base):
     interruptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: The node that claimed the latest attempt (kept once the lease is released), so any
+    #: node of a cluster can tell which one ran the job.
+    ran_by: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -260,6 +263,8 @@ class Delivery(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: The node whose dispatcher had the result stored by the destination.
+    sent_by: Mapped[str | None] = mapped_column(String(64), default=None)
     # Storage Commitment (PS3.4 Annex J): the request's Transaction UID, when it was asked,
     # and when the peer confirmed it kept the instance.
     transaction_uid: Mapped[str | None] = mapped_column(String(64), default=None, index=True)

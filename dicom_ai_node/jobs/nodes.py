@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 
+from pydantic import BaseModel
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -57,6 +58,39 @@ def live_peers(
             )
         ).all()
     )
+
+
+class NodeHealth(BaseModel):
+    """A node of the cluster as the job log tells it: ``live`` while its last heartbeat is
+    younger than ``[cluster] node_timeout_seconds``, after which the others take over."""
+
+    name: str
+    version: str
+    started_at: datetime
+    heartbeat_at: datetime
+    heartbeat_age_seconds: float
+    live: bool
+
+
+def cluster_nodes(
+    session: Session, timeout_seconds: float, now: datetime | None = None
+) -> list[NodeHealth]:
+    """Every node that has written a heartbeat to the job log, by name, with its health."""
+    now = now or utcnow()
+    nodes = []
+    for row in session.scalars(select(NodeRecord).order_by(NodeRecord.name)):
+        age = (now - row.heartbeat_at).total_seconds()
+        nodes.append(
+            NodeHealth(
+                name=row.name,
+                version=row.version,
+                started_at=row.started_at,
+                heartbeat_at=row.heartbeat_at,
+                heartbeat_age_seconds=age,
+                live=age <= timeout_seconds,
+            )
+        )
+    return nodes
 
 
 def close_associations(

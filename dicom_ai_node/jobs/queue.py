@@ -122,6 +122,12 @@ def held_by(column: QueryableAttribute[str | None], holder: str) -> ColumnElemen
     return column.startswith(f"{holder}:", autoescape=True)
 
 
+def node_of(owner: str) -> str:
+    """The node of a lease owner (:func:`worker_id`): ``<node>`` of ``<node>:<pid>``."""
+    node, colon, _pid = owner.rpartition(":")
+    return node if colon else owner
+
+
 def job_key(level: str, study: str, series: str | None, generation: int, route: str) -> str:
     """The job's unique key: one job per series (or study), generation and route."""
     return f"{level}:{series or study}:{generation}:{route}"
@@ -222,8 +228,9 @@ def claim(
     max_attempts: int,
     now: datetime | None = None,
 ) -> Job | None:
-    """Claim the most urgent queued job for ``owner`` and mark it running; ``None`` when there
-    is none. (Running jobs whose lease expired are put back by :func:`reap_expired` first.)
+    """Claim the most urgent queued job for ``owner`` and mark it running, ``ran_by`` its
+    node; ``None`` when there is none. (Running jobs whose lease expired are put back by
+    :func:`reap_expired` first.)
     """
     now = now or utcnow()
     next_id = (
@@ -244,6 +251,7 @@ def claim(
             state=JobState.RUNNING.value,
             lease_owner=owner,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
+            ran_by=node_of(owner),
             attempts=Job.attempts + 1,
             started_at=now,
             updated_at=now,

@@ -2,12 +2,13 @@
 10.5).
 
 :meth:`Ingest.store` checks the Part 10 stream, writes it to the spool (fsynced) and commits
-its row, and only then says success. A refusal carries a status from PS3.4 B.2.3, which
-STOW-RS reuses as its Failure Reason (PS3.18 Table 10.5.3-4): 0xA700 (out of resources) when
-the disk or the job log fails, the instance is too large or free space is below the floor,
-0xA900 when the data set does not match the SOP Class it was sent as, 0xC000 (cannot
-understand) when it cannot be parsed or lacks valid UIDs. Refusals are logged and added to the
-job log as ``instance_refused`` events.
+its row (in a transaction it may share with concurrent associations, see
+:class:`~dicom_ai_node.receive.record.GroupCommit`), and only then says success. A refusal
+carries a status from PS3.4 B.2.3, which STOW-RS reuses as its Failure Reason (PS3.18 Table
+10.5.3-4): 0xA700 (out of resources) when the disk or the job log fails, the instance is too
+large or free space is below the floor, 0xA900 when the data set does not match the SOP Class
+it was sent as, 0xC000 (cannot understand) when it cannot be parsed or lacks valid UIDs.
+Refusals are logged and added to the job log as ``instance_refused`` events.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sqlalchemy import Engine
 
 from dicom_ai_node.jobs.store import add_event
 from dicom_ai_node.receive.header import InstanceHeader, UnreadableInstanceError, read_header
-from dicom_ai_node.receive.record import record_instance
+from dicom_ai_node.receive.record import GroupCommit
 from dicom_ai_node.spool import InvalidUIDError, Spool
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class Ingest:
     ) -> None:
         self.spool = spool
         self.engine = engine
+        self.recorder = GroupCommit(engine)
         self.max_instance_bytes = max_instance_bytes
         self.min_free_bytes = min_free_bytes
         self.extra_keywords = extra_keywords
@@ -173,15 +175,9 @@ class Ingest:
             log.error("cannot write %s: %s", path, exc)
             return refuse(STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}", header)
         try:
-            with self.engine.begin() as connection:
-                recorded = record_instance(
-                    connection,
-                    header,
-                    self.spool.stored(path),
-                    len(encoded),
-                    association_id,
-                    calling_ae_title,
-                )
+            recorded = self.recorder.record(
+                header, self.spool.stored(path), len(encoded), association_id, calling_ae_title
+            )
         except Exception as exc:
             log.exception("%s: cannot record an instance", where)
             if not replaces_file:  # never delete an earlier copy that was acknowledged

@@ -1,18 +1,19 @@
 """The receive stage's writes to the job log: instances, series, studies, associations.
 
 These run on the association threads, so each is a handful of statements in one short
-transaction.
+transaction; :class:`GroupCommit` lets the instances of concurrent associations share one.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, select, update
+from sqlalchemy import Connection, Engine, bindparam, case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.jobs.models import (
@@ -221,6 +222,112 @@ def record_instance(
         )
     old_path = existing.path if existing is not None and existing.path != path else None
     return Recorded(duplicate=existing is not None, old_path=old_path, generation=generation)
+
+
+@dataclass
+class _Pending:
+    """One instance waiting for a transaction that records it."""
+
+    header: InstanceHeader
+    path: str
+    size: int
+    association_id: str | None
+    calling_ae_title: str
+    done: bool = False
+    recorded: Recorded | None = None
+    error: BaseException | None = None
+
+
+class GroupCommit:
+    """Records received instances, those of concurrent associations in shared transactions.
+
+    :meth:`record` returns once a committed transaction holds the instance (or raises what
+    recording it raised), as one transaction per instance would. While one thread runs a
+    transaction, the instances that other threads hand in meanwhile wait and are then
+    recorded together, up to ``max_batch``, in the next one, by whichever of them leads:
+    waiting on a lock here instead of in SQLite's busy handler (which sleeps 1, 2, 5, 10...
+    ms between tries), and one commit for several instances. If a shared transaction fails,
+    each of its instances is retried in a transaction of its own, so that one bad instance
+    (say, of an association whose row is missing) fails alone. Within one process only;
+    other processes' writers still take their turns through the database's own lock.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 32) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self._queue: list[_Pending] = []
+        self._leading = False
+        self._cond = threading.Condition()
+
+    def record(
+        self,
+        header: InstanceHeader,
+        path: str,
+        size: int,
+        association_id: str | None,
+        calling_ae_title: str,
+    ) -> Recorded:
+        """Record one instance (see :func:`record_instance`) in a committed transaction."""
+        item = _Pending(header, path, size, association_id, calling_ae_title)
+        with self._cond:
+            self._queue.append(item)
+            while not item.done:
+                if self._leading:
+                    self._cond.wait()
+                    continue
+                self._leading = True
+                batch = self._queue[: self.max_batch]
+                del self._queue[: self.max_batch]
+                self._cond.release()
+                try:
+                    self._commit(batch)
+                finally:
+                    self._cond.acquire()
+                    self._leading = False
+                    self._cond.notify_all()
+        if item.error is not None:
+            raise item.error
+        assert item.recorded is not None
+        return item.recorded
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        """Record ``batch`` in one transaction, else each in its own; every item ends done."""
+        try:
+            try:
+                with self.engine.begin() as connection:
+                    recorded = [self._one(connection, item) for item in batch]
+            except Exception as exc:
+                if len(batch) == 1:
+                    batch[0].error = exc
+                    return
+                for item in batch:
+                    try:
+                        with self.engine.begin() as connection:
+                            item.recorded = self._one(connection, item)
+                    except Exception as each:
+                        item.error = each
+            else:
+                for item, result in zip(batch, recorded, strict=True):
+                    item.recorded = result
+        except BaseException as exc:  # interrupted: fail the rest rather than leave them
+            for item in batch:
+                if item.recorded is None and item.error is None:
+                    item.error = exc
+            raise
+        finally:
+            for item in batch:
+                item.done = True
+
+    @staticmethod
+    def _one(connection: Connection, item: _Pending) -> Recorded:
+        return record_instance(
+            connection,
+            item.header,
+            item.path,
+            item.size,
+            item.association_id,
+            item.calling_ae_title,
+        )
 
 
 def open_association(

@@ -1,4 +1,5 @@
-"""The JSON API: jobs, the triage worklist, destinations, result images, health, metrics.
+"""The JSON API: jobs, the triage worklist, destinations, the cluster's nodes, result
+images, health, metrics.
 
 Every ``/api`` route needs the token (see :mod:`.auth`); ``/healthz`` and ``/metrics`` are
 open, for load balancers and Prometheus, and carry no patient data.
@@ -20,9 +21,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.audit.messages import accessed_event
 from dicom_ai_node.audit.trail import AuditTrail
-from dicom_ai_node.config import DestinationSettings
+from dicom_ai_node.config import ClusterSettings, DestinationSettings
 from dicom_ai_node.jobs import stats
 from dicom_ai_node.jobs.models import Result, utcnow
+from dicom_ai_node.jobs.nodes import NodeHealth, cluster_nodes
 from dicom_ai_node.jobs.queue import RetryOutcome, add_feedback, retry_job
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.web import queries
@@ -37,7 +39,8 @@ StateName = Literal[
 @dataclass(frozen=True)
 class WebContext:
     """What the routes use: the job log (``reads`` for reading, ``sessions`` for the
-    operators' writes), the node's health and metrics, its destinations."""
+    operators' writes), the node's health and metrics, its destinations, and the heartbeat
+    age after which a node of the cluster is dead (``[cluster] node_timeout_seconds``)."""
 
     sessions: sessionmaker[Session]
     reads: sessionmaker[Session]
@@ -48,6 +51,7 @@ class WebContext:
     data_dir: Path  # the spool's root: the job log's paths are relative to it
     audit: AuditTrail | None = None
     identity: str = ""
+    node_timeout_seconds: float = ClusterSettings().node_timeout_seconds
 
     def accessed(self, request: Request, job: queries.JobDetail) -> None:
         """Audit that this request's user read ``job`` (PS3.15 A.5.3.2)."""
@@ -178,6 +182,14 @@ def api_router(ctx: WebContext) -> APIRouter:
         """Each destination with its deliveries and its last success and failure."""
         with ctx.reads() as session:
             return ctx.destination_status(session)
+
+    @router.get("/nodes", response_model=list[NodeHealth])
+    def get_nodes() -> list[NodeHealth]:
+        """Every node sharing this job log (the whole cluster), with its version, when it
+        started, its last heartbeat and whether it is live (``[cluster] node_timeout_seconds``).
+        """
+        with ctx.reads() as session:
+            return cluster_nodes(session, ctx.node_timeout_seconds)
 
     @router.get("/refused-sources", response_model=list[queries.RefusedSource])
     def get_refused_sources() -> list[queries.RefusedSource]:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_ai_node import __version__
 from dicom_ai_node.audit.messages import alert_event, login_event
 from dicom_ai_node.audit.trail import AuditTrail
-from dicom_ai_node.config import DestinationSettings
+from dicom_ai_node.config import ClusterSettings, DestinationSettings
 from dicom_ai_node.jobs.models import utcnow
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.receive.ingest import Ingest
@@ -53,13 +53,15 @@ def create_app(
     ingest: Ingest | None = None,
     stow_max_bytes: int = 2**31,
     sources: Sources | None = None,
+    node_timeout_seconds: float = ClusterSettings().node_timeout_seconds,
 ) -> FastAPI:
     """The app of one node. The OpenAPI schema is at ``/openapi.json``; the interactive
     docs are off, as they load scripts from a CDN that a hospital network may not reach.
     Pages and API reads use ``read_sessions`` (which on SQLite take no write lock) when
     given. ``audit`` records logins, wrong tokens, rate limits and who read which study.
     With ``ingest``, ``/dicomweb/studies`` takes instances by STOW-RS into it; with
-    ``sources``, ``/api/pull`` (and the job list's form) retrieves studies from them."""
+    ``sources``, ``/api/pull`` (and the job list's form) retrieves studies from them.
+    ``node_timeout_seconds`` tells live nodes of the cluster from dead ones."""
     name = node_name or "dicom-ai-node"
 
     def audited(kind: str, address: str) -> None:
@@ -85,6 +87,7 @@ def create_app(
         data_dir,
         audit=audit,
         identity=auth.identity,
+        node_timeout_seconds=node_timeout_seconds,
     )
     app = FastAPI(
         title="dicom-ai-node",

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from dicom_ai_node.infer.prediction import percent
 from dicom_ai_node.jobs import stats
 from dicom_ai_node.jobs.models import JobState
+from dicom_ai_node.jobs.nodes import cluster_nodes
 from dicom_ai_node.jobs.queue import add_feedback, retry_job
 from dicom_ai_node.web import queries
 from dicom_ai_node.web.api import WebContext
@@ -215,12 +216,14 @@ def dashboard_router(
         with ctx.reads() as session:
             destinations = ctx.destination_status(session)
             refused = queries.refused_sources(session)
+            nodes = cluster_nodes(session, ctx.node_timeout_seconds)
         return render(
             request,
             "destinations.html",
             True,
             destinations=destinations,
             refused=refused,
+            nodes=nodes,
             problems=ctx.problems(),
         )
 

@@ -16,14 +16,17 @@ from sqlalchemy import Select, case, func, select
 from sqlalchemy.orm import Session
 
 from dicom_ai_node.jobs.models import (
+    Association,
     Delivery,
     DeliveryState,
     Event,
     Feedback,
+    Instance,
     Job,
     JobState,
     Notification,
     Result,
+    Series,
     Study,
 )
 from dicom_ai_node.jobs.queue import versions
@@ -53,6 +56,7 @@ class DeliveryStatus(BaseModel):
     total: int
     attempts: int
     last_error: str | None
+    sent_by: list[str]  # the nodes whose dispatchers had these results stored
 
 
 class JobSummary(BaseModel):
@@ -75,6 +79,8 @@ class JobSummary(BaseModel):
     state: str
     attempts: int
     error: str | None
+    received_by: list[str]  # the nodes whose DICOM associations brought its instances
+    ran_by: str | None  # the node that claimed its latest attempt
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -246,12 +252,43 @@ def _delivery_status(session: Session, job_ids: Sequence[int]) -> dict[int, list
                     total=len(rows),
                     attempts=max(row.attempts for row in rows),
                     last_error=errors[-1] if errors else None,
+                    sent_by=sorted({row.sent_by for row in rows if row.sent_by}),
                 )
             )
     return status
 
 
-def _summary(row: Any, deliveries: dict[int, list[DeliveryStatus]], **extra: Any) -> dict[str, Any]:
+def _received_by(session: Session, jobs: Sequence[Job]) -> dict[int, list[str]]:
+    """Per job, the nodes whose associations brought the instances of its series (or study).
+    Instances that came by STOW-RS or were pulled came in no association: they name none."""
+    series = {job.series_instance_uid for job in jobs if job.series_instance_uid is not None}
+    studies = {job.study_instance_uid for job in jobs if job.series_instance_uid is None}
+    nodes: dict[str, set[str]] = {}
+    by = (
+        select(Instance.series_instance_uid, Instance.study_instance_uid, Association.node_name)
+        .join(Association, Association.id == Instance.association_id)
+        .distinct()
+    )
+    if series:
+        for uid, _, node in session.execute(by.where(Instance.series_instance_uid.in_(series))):
+            nodes.setdefault(uid, set()).add(node)
+    if studies:
+        in_studies = Series.study_instance_uid.in_(studies)
+        joined = by.join(Series, Series.series_instance_uid == Instance.series_instance_uid)
+        for _, uid, node in session.execute(joined.where(in_studies)):
+            nodes.setdefault(uid, set()).add(node)
+    return {
+        job.id: sorted(nodes.get(job.series_instance_uid or job.study_instance_uid, ()))
+        for job in jobs
+    }
+
+
+def _summary(
+    row: Any,
+    deliveries: dict[int, list[DeliveryStatus]],
+    received: dict[int, list[str]],
+    **extra: Any,
+) -> dict[str, Any]:
     job: Job = row[0]
     return {
         "id": job.id,
@@ -273,6 +310,8 @@ def _summary(row: Any, deliveries: dict[int, list[DeliveryStatus]], **extra: Any
         "state": job.state,
         "attempts": job.attempts,
         "error": job.error,
+        "received_by": received.get(job.id, []),
+        "ran_by": job.ran_by,
         "created_at": job.created_at,
         "updated_at": job.updated_at,
         "started_at": job.started_at,
@@ -289,11 +328,12 @@ def list_jobs(session: Session, where: JobFilter, limit: int = 50, offset: int =
         _filtered(_joined(), where).order_by(Job.id.desc()).limit(limit).offset(offset)
     ).all()
     deliveries = _delivery_status(session, [row[0].id for row in rows])
+    received = _received_by(session, [row[0] for row in rows])
     return JobPage(
         total=total,
         limit=limit,
         offset=offset,
-        items=[JobSummary(**_summary(row, deliveries)) for row in rows],
+        items=[JobSummary(**_summary(row, deliveries, received)) for row in rows],
     )
 
 
@@ -328,7 +368,7 @@ def get_job(session: Session, job_id: int) -> JobDetail | None:
         ).all()
     )
     return JobDetail(
-        **_summary(row, _delivery_status(session, [job_id])),
+        **_summary(row, _delivery_status(session, [job_id]), _received_by(session, [job])),
         study_date=row[3] or "",
         study_description=row[4] or "",
         versions=[
@@ -388,6 +428,7 @@ def worklist(
     rows = session.execute(query).all()
     ids = [row[0].id for row in rows]
     deliveries = _delivery_status(session, ids)
+    received = _received_by(session, [row[0] for row in rows])
     sc_results = (
         dict(
             session.execute(
@@ -404,6 +445,7 @@ def worklist(
             **_summary(
                 row,
                 deliveries,
+                received,
                 triage=TRIAGE_ORDER[row[5]],
                 sc_result_uid=sc_results.get(row[0].id),
             )

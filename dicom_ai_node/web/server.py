@@ -15,7 +15,7 @@ import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.audit.trail import AuditTrail
-from dicom_ai_node.config import DestinationSettings
+from dicom_ai_node.config import ClusterSettings, DestinationSettings
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.receive.ingest import Ingest
 from dicom_ai_node.retrieve import Sources
@@ -33,7 +33,8 @@ class HttpServer:
     (``token_generated`` is then true, and :attr:`login_url` is what to print).
     ``health`` returns the node's problems (none = healthy), for ``/healthz``; reads go
     through ``read_sessions`` when given (the node's read-only sessions). ``ingest`` and
-    ``stow_max_bytes`` enable STOW-RS (see :mod:`.stow`), ``sources`` ``/api/pull``.
+    ``stow_max_bytes`` enable STOW-RS (see :mod:`.stow`), ``sources`` ``/api/pull``;
+    ``node_timeout_seconds`` tells live nodes of the cluster from dead ones.
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class HttpServer:
         ingest: Ingest | None = None,
         stow_max_bytes: int = 2**31,
         sources: Sources | None = None,
+        node_timeout_seconds: float = ClusterSettings().node_timeout_seconds,
     ) -> None:
         configured = token or os.environ.get(TOKEN_ENV, "")
         self.token_generated = not configured
@@ -74,6 +76,7 @@ class HttpServer:
             ingest=ingest,
             stow_max_bytes=stow_max_bytes,
             sources=sources,
+            node_timeout_seconds=node_timeout_seconds,
         )
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

@@ -18,6 +18,7 @@ from dicom_ai_node.jobs.queue import (
     recover,
     renew,
     retry,
+    transition,
 )
 from tests.support.helpers import claim_from_threads
 
@@ -103,6 +104,33 @@ def test_expired_leases_are_interruptions_not_failures(sessions: sessionmaker[Se
         assert "interrupted 3 times" in (failed.error or "")
         messages = [e.message for e in session.scalars(select(Event).where(Event.job_id == job.id))]
     assert sum("interrupted, not counted" in m for m in messages) == 2
+
+
+def test_ran_by_names_the_node_of_the_latest_attempt_after_its_lease_is_gone(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A job's lease names ``<node>:<pid>`` and goes when the attempt ends; ``ran_by`` keeps
+    the node (not the process), and a node taking over a dead one's job takes it over."""
+    with sessions.begin() as session:
+        (job,) = enqueue(session, [spec()])
+        assert job.ran_by is None
+    later = utcnow() + timedelta(hours=1)
+    with sessions.begin() as session:
+        claim(session, "host-a.example:4242", 60, LIMITS.max_attempts, now=later)
+    with sessions.begin() as session:
+        reap_expired(session, no_crash, LIMITS, now=later + timedelta(minutes=5))
+    with sessions() as session:
+        lost = session.get(Job, job.id)
+        assert lost is not None
+        assert (lost.state, lost.lease_owner, lost.ran_by) == ("queued", None, "host-a.example")
+    with sessions.begin() as session:
+        taken = claim(session, "host-b:7", 60, LIMITS.max_attempts)
+        assert taken is not None and taken.ran_by == "host-b"
+        assert transition(session, job.id, JobState.DONE, "done", owner="host-b:7")
+    with sessions() as session:
+        done = session.get(Job, job.id)
+        assert done is not None
+        assert (done.state, done.lease_owner, done.ran_by) == ("done", None, "host-b")
 
 
 def test_a_crash_while_running_the_job_alone_counts_against_it(

@@ -129,6 +129,7 @@ def test_jobs_list_filters_pages_and_joins_the_study(serve, job_log):
                 "total": 1,
                 "attempts": 1,
                 "last_error": None,
+                "sent_by": [],
             }
         ]
         states = client.get("/api/jobs", params={"state": ["queued", "failed"]}).json()
