@@ -312,6 +312,12 @@ class DestinationSettings(PeerSettings):
         description="Which of a route's result objects this peer gets: e.g. sc only for a "
         "PACS whose viewer shows no SR, sr + kos for an IHE AI Results consumer",
     )
+    sc_layout: Literal["below", "above", "overlay"] = Field(
+        default="below",
+        description="Where the Secondary Capture has the result text: in a band below or "
+        "above the image, clear of the viewer's own text in the corners, or over the "
+        "image's top left corner",
+    )
     commitment: bool = Field(
         default=False,
         description="Ask the peer to commit what it was sent (Storage Commitment Push Model, "

@@ -86,22 +86,23 @@ def plan_deliveries(
     session: Session,
     job: Job,
     results: list[Result],
-    objects: Mapping[str, Collection[str]] | None = None,
+    chosen: Mapping[str, Collection[str]] | None = None,
 ) -> int:
     """Create the delivery rows of a job's results; returns how many.
 
     One row per result and destination, whoever plans it: a row that exists already (the
-    same result planned by a racing worker) is not added again. ``objects`` maps a
-    destination to the result kinds ("sr", "sc", "kos") it gets (its output profile); a
-    destination it does not name gets them all.
+    same result planned by a racing worker) is not added again. ``chosen`` maps a
+    destination to the SOP Instance UIDs of the results it gets (its output profile
+    applied: the kinds it lists, the SC of its layout); a destination it does not name
+    gets them all.
     """
     count = 0
     for destination in job.destinations:
         if destination == "outbox":
             continue
-        wanted = None if objects is None else objects.get(destination)
+        wanted = None if chosen is None else chosen.get(destination)
         for result in results:
-            if wanted is not None and result.kind not in wanted:
+            if wanted is not None and result.sop_instance_uid not in wanted:
                 continue
             inserted = session.execute(
                 upsert(session, Delivery)
