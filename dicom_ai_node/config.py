@@ -323,6 +323,13 @@ class DestinationSettings(PeerSettings):
         description="Ask the peer to commit what it was sent (Storage Commitment Push Model, "
         "PS3.4 Annex J); a delivery is complete only when the peer confirms it (dicom)",
     )
+    commitment_wait_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long the association that asked for commitment stays open for the "
+        "peer's answer on it (PS3.4 J.3.3.1.2); a later answer comes on the peer's own "
+        "association (dicom)",
+    )
 
     @model_validator(mode="after")
     def _type_options(self) -> DestinationSettings:

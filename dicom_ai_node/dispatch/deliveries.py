@@ -258,7 +258,8 @@ class Dispatcher:
         self.on_outcome = on_outcome
         self.on_delivered = on_delivered
         self.peers = {d.name: peer(d, calling_ae_title) for d in destinations}
-        self.committing = {d.name for d in destinations if d.commitment}
+        # destinations that commit -> how long an association waits for the answer on it
+        self.committing = {d.name: d.commitment_wait_seconds for d in destinations if d.commitment}
         self.reports = CommitmentReports(sessions, settings)
         self._senders = [_Sender(self, name) for name in self.peers]
 
@@ -314,14 +315,17 @@ class Dispatcher:
         return len(outcomes)
 
     def _request_commitment(self, name: str, stored: list[tuple[Delivery, Result]]) -> None:
-        """Ask ``name`` to commit what it just stored (PS3.4 J.3.2); an unanswered or refused
-        request is sent again after ``commitment_timeout_seconds``."""
+        """Ask ``name`` to commit what it just stored (PS3.4 J.3.2), waiting up to its
+        ``commitment_wait_seconds`` for an answer on the same association; an unanswered or
+        refused request is sent again after ``commitment_timeout_seconds``."""
         to = self.peers[name]
         assert isinstance(to, Peer)
         with self.sessions.begin() as session:
             uid = new_transaction(session, name, [d for d, _ in stored], utcnow())
         references = [(r.sop_class_uid, r.sop_instance_uid) for _, r in stored]
-        error = request_commitment(to, uid, references, self.settings.timeout, self.reports)
+        error = request_commitment(
+            to, uid, references, self.settings.timeout, self.reports, self.committing[name]
+        )
         if error:
             with self.sessions.begin() as session:
                 for job_id in sorted({d.job_id for d, _ in stored}):
