@@ -312,10 +312,23 @@ class DestinationSettings(PeerSettings):
         description="Which of a route's result objects this peer gets: e.g. sc only for a "
         "PACS whose viewer shows no SR, sr + kos for an IHE AI Results consumer",
     )
+    sc_layout: Literal["below", "above", "overlay"] = Field(
+        default="below",
+        description="Where the Secondary Capture has the result text: in a band below or "
+        "above the image, clear of the viewer's own text in the corners, or over the "
+        "image's top left corner",
+    )
     commitment: bool = Field(
         default=False,
         description="Ask the peer to commit what it was sent (Storage Commitment Push Model, "
         "PS3.4 Annex J); a delivery is complete only when the peer confirms it (dicom)",
+    )
+    commitment_wait_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long the association that asked for commitment stays open for the "
+        "peer's answer on it (PS3.4 J.3.3.1.2); a later answer comes on the peer's own "
+        "association (dicom)",
     )
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ import datetime
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_ai_node import __version__
 from dicom_ai_node.audit.messages import created_event
 from dicom_ai_node.audit.trail import AuditTrail
-from dicom_ai_node.config import Settings
+from dicom_ai_node.config import DestinationSettings, Settings
 from dicom_ai_node.dispatch.deliveries import plan_deliveries
 from dicom_ai_node.jobs.models import Instance, Job, JobState, Prediction, Result, utcnow
 from dicom_ai_node.jobs.queue import transition, versions
@@ -38,7 +38,7 @@ from dicom_ai_node.spool import Spool
 if TYPE_CHECKING:
     from dicom_ai_node.infer.prediction import SeriesPrediction
     from dicom_ai_node.infer.runtime import LoadedModel
-    from dicom_ai_node.report import ResultObject
+    from dicom_ai_node.report import ResultObject, ScLayout
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,30 @@ def usable(ds: Dataset) -> Dataset:
         if any(term and term not in python_encoding for term in values):
             ds.SpecificCharacterSet = "ISO_IR 192"
     return ds
+
+
+def sc_layouts(destinations: Sequence[DestinationSettings], job: Job) -> list[ScLayout]:
+    """The SC layouts the job's destinations need (each one once, in their order); the
+    default one when none gets an SC (the outbox and the dashboard still show it)."""
+    from dicom_ai_node.report import DEFAULT_SC_LAYOUT
+
+    wanted = [d.sc_layout for d in destinations if d.name in job.destinations and "sc" in d.objects]
+    return list(dict.fromkeys(wanted)) or [DEFAULT_SC_LAYOUT]
+
+
+def chosen_results(
+    destinations: Sequence[DestinationSettings], objects: Sequence[ResultObject]
+) -> dict[str, set[str]]:
+    """Each destination's output profile applied: the SOP Instance UIDs of the objects it
+    gets, those of the kinds it lists and, of the SCs, the one of its layout."""
+    return {
+        d.name: {
+            str(o.dataset.SOPInstanceUID)
+            for o in objects
+            if o.kind in d.objects and o.layout in (None, d.sc_layout)
+        }
+        for d in destinations
+    }
 
 
 class JobRunner:
@@ -158,10 +182,7 @@ class JobRunner:
                 0
                 if job.shadow
                 else plan_deliveries(
-                    session,
-                    job,
-                    results,
-                    {d.name: d.objects for d in self.settings.destinations},
+                    session, job, results, chosen_results(self.settings.destinations, datasets)
                 )
             )
             state = JobState.DELIVERING if deliveries else JobState.DONE
@@ -245,6 +266,7 @@ class JobRunner:
                 predecessor(job.study_instance_uid, *identifiers)
                 for identifiers in self._earlier_srs(job)
             ],
+            sc_layouts(self.settings.destinations, job),
         )
 
     def _earlier_srs(self, job: Job) -> list[tuple[str, str, str]]:

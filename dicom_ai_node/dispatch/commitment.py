@@ -5,7 +5,13 @@ them: one N-ACTION (Action Type 1, Request Storage Commitment) with a new Transa
 and the Referenced SOP Sequence (J.3.2). The peer answers later with an N-EVENT-REPORT
 (Event Type 1: all committed, 2: some failed, with Failed SOP Sequence and a Failure Reason
 each, J.3.3), on the same association or on one it opens to the node, whose listener
-accepts the SOP Class for that (:class:`CommitmentReports` records either). Until then a
+accepts the SOP Class for that (:class:`CommitmentReports` records either). The same
+association needs no role negotiation: its requester (the node) is the SCU, its acceptor
+the SCP, the roles the SOP Class has (J.3.3.1.2, Note 1: only a new association, which the
+SCP requests, proposes the SCP role by SCP/SCU Role Selection, PS3.7 D.3.3.4). The node
+keeps it open after the N-ACTION response for up to ``commitment_wait_seconds`` of the
+destination, until the answer is recorded (J.3.3.1.2 lets the SCU release at any time,
+so a PACS that answers on it is not cut short by the release). Until then a
 delivery is ``sent``; confirmed it is ``done`` with ``committed_at``; a failed reference is
 sent again and committed again, and a request unanswered after
 ``commitment_timeout_seconds`` is sent again too.
@@ -14,6 +20,8 @@ sent again and committed again, and a request unanswered after
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,8 +29,10 @@ from datetime import datetime, timedelta
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import build_context, evt
+from pynetdicom.association import Association
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_ai_node.config import DispatchSettings
@@ -103,6 +113,20 @@ class CommitmentReports:
             log.warning("commitment report for unknown transaction %s", report.transaction_uid)
         return STATUS_SUCCESS, None
 
+    def answered(self, transaction_uid: str) -> bool:
+        """Whether no delivery of the transaction awaits the peer's answer any more (it
+        came, on whichever association, or the request expired)."""
+        with self.sessions() as session:
+            waiting = session.scalar(
+                select(func.count())
+                .select_from(Delivery)
+                .where(
+                    Delivery.transaction_uid == transaction_uid,
+                    Delivery.state == DeliveryState.SENT.value,
+                )
+            )
+        return not waiting
+
 
 def request_commitment(
     peer: Peer,
@@ -110,11 +134,29 @@ def request_commitment(
     references: Sequence[tuple[str, str]],
     timeout: float,
     reports: CommitmentReports,
+    wait: float = 0.0,
 ) -> str:
-    """Send the N-ACTION; ``""`` when the peer accepted the request, else why not. A report
-    arriving on this association is recorded by ``reports``."""
+    """Send the N-ACTION; ``""`` when the peer accepted the request, else why not.
+
+    A report arriving on this association is recorded by ``reports``; after a successful
+    N-ACTION the association stays open for up to ``wait`` seconds, until the transaction
+    is answered (on it, or on an association of the peer's own) or the peer releases it.
+    """
     context = build_context(StorageCommitmentPushModel)
-    assoc = associate(peer, [context], timeout, [(evt.EVT_N_EVENT_REPORT, reports.handle)])
+    # Answered once the N-EVENT-REPORT response is on its way: a release sent before it
+    # would reach the peer first (pynetdicom lets a release overtake the reactor's answer).
+    reported, arrived = threading.Event(), threading.Event()
+
+    def on_report(event: evt.Event) -> tuple[int, Dataset | None]:
+        reported.set()
+        return reports.handle(event)
+
+    def on_pdu_sent(event: evt.Event) -> None:
+        if reported.is_set() and isinstance(event.pdu, P_DATA_TF):
+            arrived.set()  # the only P-DATA sent after the report: its response
+
+    handlers = [(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_PDU_SENT, on_pdu_sent)]
+    assoc = associate(peer, [context], timeout, handlers)
     if not assoc.is_established:
         return "association rejected" if assoc.is_rejected else "association failed or aborted"
     try:
@@ -130,10 +172,40 @@ def request_commitment(
             return "no response to N-ACTION"
         if int(status.Status) != STATUS_SUCCESS:
             return f"N-ACTION status 0x{int(status.Status):04X}"
+        _await_answer(assoc, reported, arrived, transaction_uid, reports, wait)
         return ""
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+# How often the wait for an answer looks in the job log, for one that came on the peer's
+# own association, possibly to another process of the node.
+_ANSWER_POLL_SECONDS = 0.2
+
+
+def _await_answer(
+    assoc: Association,
+    reported: threading.Event,
+    arrived: threading.Event,
+    transaction_uid: str,
+    reports: CommitmentReports,
+    wait: float,
+) -> None:
+    """Hold ``assoc`` open until the transaction is answered, the peer ends the
+    association, or ``wait`` seconds have passed.
+
+    An answer on ``assoc`` counts once its response is sent (``arrived``); one recorded
+    while none came on ``assoc`` (``reported`` is set before the report is recorded)
+    came on another association, or the request expired.
+    """
+    deadline = time.monotonic() + wait
+    while assoc.is_established:
+        left = deadline - time.monotonic()
+        if left <= 0 or arrived.wait(min(left, _ANSWER_POLL_SECONDS)):
+            return
+        if reports.answered(transaction_uid) and not reported.is_set():
+            return
 
 
 def new_transaction(

@@ -86,22 +86,23 @@ def plan_deliveries(
     session: Session,
     job: Job,
     results: list[Result],
-    objects: Mapping[str, Collection[str]] | None = None,
+    chosen: Mapping[str, Collection[str]] | None = None,
 ) -> int:
     """Create the delivery rows of a job's results; returns how many.
 
     One row per result and destination, whoever plans it: a row that exists already (the
-    same result planned by a racing worker) is not added again. ``objects`` maps a
-    destination to the result kinds ("sr", "sc", "kos") it gets (its output profile); a
-    destination it does not name gets them all.
+    same result planned by a racing worker) is not added again. ``chosen`` maps a
+    destination to the SOP Instance UIDs of the results it gets (its output profile
+    applied: the kinds it lists, the SC of its layout); a destination it does not name
+    gets them all.
     """
     count = 0
     for destination in job.destinations:
         if destination == "outbox":
             continue
-        wanted = None if objects is None else objects.get(destination)
+        wanted = None if chosen is None else chosen.get(destination)
         for result in results:
-            if wanted is not None and result.kind not in wanted:
+            if wanted is not None and result.sop_instance_uid not in wanted:
                 continue
             inserted = session.execute(
                 upsert(session, Delivery)
@@ -259,7 +260,8 @@ class Dispatcher:
         self.on_outcome = on_outcome
         self.on_delivered = on_delivered
         self.peers = {d.name: peer(d, calling_ae_title) for d in destinations}
-        self.committing = {d.name for d in destinations if d.commitment}
+        # destinations that commit -> how long an association waits for the answer on it
+        self.committing = {d.name: d.commitment_wait_seconds for d in destinations if d.commitment}
         self.reports = CommitmentReports(sessions, settings)
         self._senders = [_Sender(self, name) for name in self.peers]
 
@@ -320,14 +322,17 @@ class Dispatcher:
         return len(outcomes)
 
     def _request_commitment(self, name: str, stored: list[tuple[Delivery, Result]]) -> None:
-        """Ask ``name`` to commit what it just stored (PS3.4 J.3.2); an unanswered or refused
-        request is sent again after ``commitment_timeout_seconds``."""
+        """Ask ``name`` to commit what it just stored (PS3.4 J.3.2), waiting up to its
+        ``commitment_wait_seconds`` for an answer on the same association; an unanswered or
+        refused request is sent again after ``commitment_timeout_seconds``."""
         to = self.peers[name]
         assert isinstance(to, Peer)
         with self.sessions.begin() as session:
             uid = new_transaction(session, name, [d for d, _ in stored], utcnow())
         references = [(r.sop_class_uid, r.sop_instance_uid) for _, r in stored]
-        error = request_commitment(to, uid, references, self.settings.timeout, self.reports)
+        error = request_commitment(
+            to, uid, references, self.settings.timeout, self.reports, self.committing[name]
+        )
         if error:
             with self.sessions.begin() as session:
                 for job_id in sorted({d.job_id for d, _ in stored}):

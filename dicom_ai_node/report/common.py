@@ -25,6 +25,7 @@ from pydicom.valuerep import DA, DT, TM
 
 from dicom_ai_node.infer.card import LabelSpec, ModelCard
 from dicom_ai_node.infer.prediction import ImagePrediction, SeriesPrediction
+from dicom_ai_node.report.render import SC_LAYOUTS, ScLayout
 
 NODE_NAME = "dicom-ai-node"
 NOT_FOR_DIAGNOSTIC_USE = "AI result, not for diagnostic use"
@@ -48,12 +49,13 @@ _REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPIn
 
 @dataclass(frozen=True)
 class ResultUIDs:
-    """Series and SOP Instance UIDs of the three result objects of one job."""
+    """Series and SOP Instance UIDs of the result objects of one job: one SR, one SC per
+    layout (all in one series, see :mod:`dicom_ai_node.report.sc`), one KOS."""
 
     sr_series: str
     sr_instance: str
     sc_series: str
-    sc_instance: str
+    sc_instances: dict[ScLayout, str]
     kos_series: str
     kos_instance: str
 
@@ -101,7 +103,7 @@ def result_uids(seed: str, prefix: str = PYDICOM_ROOT_UID) -> ResultUIDs:
         sr_series=uid("sr-series"),
         sr_instance=uid("sr-instance"),
         sc_series=uid("sc-series"),
-        sc_instance=uid("sc-instance"),
+        sc_instances={layout: uid(f"sc-instance:{layout}") for layout in SC_LAYOUTS},
         kos_series=uid("kos-series"),
         kos_instance=uid("kos-instance"),
     )

@@ -9,6 +9,7 @@ result is 8-bit RGB, the only colour depth highdicom's SC image accepts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +21,17 @@ from dicom_ai_node.infer.preprocess import frame_attributes, pixel_aspect, to_mo
 
 Grey = npt.NDArray[np.float32]
 RGB = npt.NDArray[np.uint8]
+Lines = Sequence[tuple[str, tuple[int, int, int]]]
+
+# Where the result text goes: in a band of its own above or below the image, or over the
+# image's top left corner. Viewers draw their own text in the corners and at the edges of
+# the viewport (OHIF v3: patient and study top left and right, series, window and zoom
+# bottom left and right), over whatever the image has there; a band keeps ours clear of
+# the image and, centred, clear of the corners. "below" is the default: the image first,
+# the result as its caption, and nothing at the top where OHIF puts its cine controls.
+ScLayout = Literal["below", "above", "overlay"]
+SC_LAYOUTS: tuple[ScLayout, ...] = ("below", "above", "overlay")
+DEFAULT_SC_LAYOUT: ScLayout = "below"
 
 # Rendered images get a long side in this range: small sources are enlarged so burned-in
 # text stays legible, very large ones reduced to keep the object small.
@@ -70,38 +82,48 @@ def blend(grey: Grey, heat: Grey | None) -> RGB:
     return np.round(rgb * 255).astype(np.uint8)
 
 
-def burn_in(rgb: RGB, lines: Sequence[tuple[str, tuple[int, int, int]]]) -> RGB:
-    """Draw text lines (text, colour) top left on a dark box; text height ~3.5% of the
-    image's long side, reduced if a line would not fit the width."""
-    image = Image.fromarray(rgb)
-    draw = ImageDraw.Draw(image, "RGBA")
+def burn_in(rgb: RGB, lines: Lines, layout: ScLayout = DEFAULT_SC_LAYOUT) -> RGB:
+    """Draw text lines (text, colour) as ``layout`` says: centred on a black band added
+    above or below the image, or top left on a dark box over it ("overlay"). Text height
+    is ~3.5% of the image's long side, reduced if a line would not fit the width."""
     rows, cols = rgb.shape[:2]
     size = max(12, round(0.035 * max(rows, cols)))
     margin = max(4, size // 3)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     font = ImageFont.load_default(size=size)
-    widest = max(draw.textlength(text, font=font) for text, _ in lines)
+    widest = max(measure.textlength(text, font=font) for text, _ in lines)
     if widest > cols - 4 * margin:
         size = max(8, int(size * (cols - 4 * margin) / widest))
         font = ImageFont.load_default(size=size)
-        widest = max(draw.textlength(text, font=font) for text, _ in lines)
+        widest = max(measure.textlength(text, font=font) for text, _ in lines)
     step = round(size * 1.25)
-    draw.rectangle(
-        (margin, margin, 3 * margin + widest, 2 * margin + step * len(lines)),
-        fill=(0, 0, 0, 170),
-    )
+    height = 2 * margin + step * len(lines)
+    if layout == "overlay":
+        image = Image.fromarray(rgb)
+        draw = ImageDraw.Draw(image, "RGBA")
+        draw.rectangle((margin, margin, 3 * margin + widest, height), fill=(0, 0, 0, 170))
+        for i, (text, colour) in enumerate(lines):
+            draw.text((2 * margin, 1.5 * margin + i * step), text, font=font, fill=colour)
+        return np.asarray(image, dtype=np.uint8)
+    band = Image.new("RGB", (cols, height))
+    draw = ImageDraw.Draw(band)
     for i, (text, colour) in enumerate(lines):
-        draw.text((2 * margin, 1.5 * margin + i * step), text, font=font, fill=colour)
-    return np.asarray(image, dtype=np.uint8)
+        left = (cols - draw.textlength(text, font=font)) / 2
+        draw.text((left, margin + i * step), text, font=font, fill=colour)
+    parts = [rgb, np.asarray(band, dtype=np.uint8)]
+    return np.concatenate(parts if layout == "below" else parts[::-1], axis=0)
 
 
 def render(
     source: Dataset,
     frame_number: int | None,
     heatmap: npt.NDArray[np.float32] | None,
-    lines: Sequence[tuple[str, tuple[int, int, int]]],
+    lines: Lines,
     keep_aspect: bool,
+    layout: ScLayout = DEFAULT_SC_LAYOUT,
 ) -> RGB:
-    """The complete Secondary Capture pixels: grey image, heat map, text.
+    """The complete Secondary Capture pixels: grey image, heat map, text (placed as
+    ``layout`` says, see :func:`burn_in`).
 
     The grey image comes from the infer stage's own pipeline with the file's window
     (:func:`~dicom_ai_node.infer.preprocess.to_model_input`), so what is shown is what the
@@ -119,7 +141,7 @@ def render(
         heat = _resize(
             heatmap_on_image(heatmap, rows, cols, aspect, keep_aspect), out_rows, out_cols
         )
-    return burn_in(blend(grey, heat), lines)
+    return burn_in(blend(grey, heat), lines, layout)
 
 
 def _resize(values: Grey, rows: int, cols: int) -> Grey:

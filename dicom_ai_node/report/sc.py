@@ -1,7 +1,14 @@
 """The result as a picture every viewer shows: a Secondary Capture Image (PS3.3 A.8.1).
 
-One RGB image per series, rendered from the key image (the most positive one, or the
-radiograph) with the heat map and the result burned in, in a new series of the study.
+One RGB image per layout, rendered from the key image (the most positive one, or the
+radiograph) with the heat map and the result burned in (above, below or over the image:
+:data:`~dicom_ai_node.report.render.ScLayout`), in a new series of the study.
+
+The layouts of one result are instances of one series. PS3.3 A.1.2.3 puts instances in
+one series when they have the same modality, the same equipment and the same series
+information (C.7.3.1 General Series, C.7.5.1 General Equipment, C.8.6.1 SC Equipment): the
+layouts differ only in their pixels. Each is an instance of its own (SOP Instance UID,
+Instance Number), as two different images are.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from dicom_ai_node.report.common import (
     series_description,
     study_header,
 )
-from dicom_ai_node.report.render import render
+from dicom_ai_node.report.render import DEFAULT_SC_LAYOUT, SC_LAYOUTS, ScLayout, render
 
 _WHITE, _YELLOW, _ORANGE = (255, 255, 255), (255, 220, 0), (255, 150, 40)
 # Modalities for which OHIF v3 opens its cine player over the image (its
@@ -46,14 +53,20 @@ def build_sc(
     series_uid: str,
     sop_instance_uid: str,
     context: ReportContext,
+    layout: ScLayout = DEFAULT_SC_LAYOUT,
 ) -> hd.sc.SCImage:
-    """Build the Secondary Capture of ``prediction`` from ``key_source`` (with pixels).
+    """Build the Secondary Capture of ``prediction`` from ``key_source`` (with pixels),
+    its text placed as ``layout`` says.
 
     ``key_source`` must be the prediction's key image. The image is marked Burned In
     Annotation YES (C.7.6.1.1.2 reason: the result text is in the pixels), Conversion Type
     WSD ("workstation", C.8.6.1), and references its source image (Source Image
-    Sequence, C.7.6.1). Raises ``ValueError`` on inconsistent inputs.
+    Sequence, C.7.6.1). Its Instance Number is the layout's place in
+    :data:`~dicom_ai_node.report.render.SC_LAYOUTS` (1 for "below"), so that the layouts
+    of one series are told apart. Raises ``ValueError`` on inconsistent inputs.
     """
+    if layout not in SC_LAYOUTS:
+        raise ValueError(f"unknown SC layout {layout!r}, expected one of {SC_LAYOUTS}")
     key = prediction.key_image
     given = key_source.get("SOPInstanceUID")
     if key.sop_instance_uid != given:
@@ -67,6 +80,7 @@ def build_sc(
         key.heatmap,
         _text_lines(prediction, card),
         card.preprocessing.keep_aspect,
+        layout,
     )
     orientation = _patient_orientation(key_source)
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -78,7 +92,7 @@ def build_sc(
         series_instance_uid=series_uid,
         series_number=context.series_number_base + 1,
         sop_instance_uid=sop_instance_uid,
-        instance_number=1,
+        instance_number=SC_LAYOUTS.index(layout) + 1,
         patient_orientation=orientation or ("L", "P"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=series_description(card, " result image"),
@@ -97,7 +111,8 @@ def build_sc(
     sc.BurnedInAnnotation = "YES"
     sc.DateOfSecondaryCapture = sc.ContentDate
     sc.TimeOfSecondaryCapture = sc.ContentTime
-    sc.DerivationDescription = "Source image with the AI heat map and result burned in"
+    where = "over the image" if layout == "overlay" else f"{layout} the image"
+    sc.DerivationDescription = f"Source image with the AI heat map, result burned in {where}"
     sc.SourceImageSequence = [_source_reference(key_source, key.frame_number)]
     if key_source.get("LossyImageCompression") == "01":
         sc.LossyImageCompression = "01"  # C.7.6.1.1.5: once lossy, derived images stay so

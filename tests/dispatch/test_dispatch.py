@@ -19,15 +19,28 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from pydicom import dcmread
+from pydicom.uid import SecondaryCaptureImageStorage
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event as DicomEvent
 from sqlalchemy import select
 
+from dicom_ai_node.infer.preprocess import frame_attributes, pixel_aspect
 from dicom_ai_node.jobs.models import Delivery, Event, Job, Result
 from dicom_ai_node.node import Node
+from dicom_ai_node.report.render import output_size
 from dicom_ai_node.synth import Label, Task, generate_studies
-from tests.support.helpers import ROOT, free_port, received_uids, run_tool, storescp, wait_for
+from tests.support.helpers import (
+    ROOT,
+    free_port,
+    received_uids,
+    rows_with_colour,
+    run_tool,
+    storescp,
+    wait_for,
+)
 
 pytestmark = pytest.mark.peers
 
@@ -95,15 +108,18 @@ def start_node(
     demo_models: dict[str, Any],
     shipped_routes: list[dict[str, Any]],
     destinations: dict[str, tuple[str, int]],
+    options: dict[str, dict[str, Any]] | None = None,
     **dispatch: Any,
 ) -> Node:
-    """A node whose shipped routes send to ``destinations`` (name -> (AE title, port))."""
+    """A node whose shipped routes send to ``destinations`` (name -> (AE title, port)),
+    with more settings of some of them in ``options`` (name -> settings)."""
     routes = [{**route, "destinations": list(destinations)} for route in shipped_routes]
     return node_factory(
         models=demo_models,
         routes=routes,
         destinations=[
             {"name": name, "ae_title": aet, "host": "127.0.0.1", "port": port}
+            | (options or {}).get(name, {})
             for name, (aet, port) in destinations.items()
         ],
         dispatch={"retry_base_seconds": 0.2, "retry_max_seconds": 0.4, **dispatch},
@@ -112,7 +128,16 @@ def start_node(
 
 def send_radiograph(node: Node, tmp_path: Path, seed: int = 5) -> str:
     """Send a positive synthetic chest radiograph to the node; returns its Study UID."""
-    study = generate_studies(Task.CXR_OPACITY, Label.POSITIVE, 1, tmp_path / "synth", seed)[0]
+    return send_study(node, radiograph(tmp_path, seed))
+
+
+def radiograph(tmp_path: Path, seed: int = 5) -> Path:
+    """A positive synthetic chest radiograph study (its folder, named by its Study UID)."""
+    return generate_studies(Task.CXR_OPACITY, Label.POSITIVE, 1, tmp_path / "synth", seed)[0]
+
+
+def send_study(node: Node, study: Path) -> str:
+    """Send a study folder to the node by DCMTK storescu; returns its Study UID."""
     run_tool("storescu", "+sd", "+r", "-aec", "AINODE", "127.0.0.1", str(node.scp.port), str(study))
     return study.name
 
@@ -314,3 +339,64 @@ def test_a_dead_destination_does_not_delay_another(
         )
         assert job_in(node, study, "delivering").id == job.id
     # closing the silent listener resets the hung connection, so the node stops promptly
+
+
+YELLOW = (255, 220, 0)  # the burned-in result line of a positive result
+
+
+def test_each_destination_gets_the_sc_of_its_layout(
+    node_factory: Callable[..., Node],
+    demo_models: dict[str, Any],
+    shipped_routes: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """Two PACS, one asking for the result text below the image and one above: each
+    receives the SR and exactly one SC, of its own layout, with a SOP Instance UID of its
+    own (the two SCs are one series, PS3.3 A.1.2.3)."""
+    below_port, above_port = free_port(), free_port()
+    with (
+        storescp(below_port, tmp_path / "below") as below_dir,
+        storescp(above_port, tmp_path / "above") as above_dir,
+    ):
+        node = start_node(
+            node_factory,
+            demo_models,
+            shipped_routes,
+            {"below": ("PACS", below_port), "above": ("PACS", above_port)},
+            {"below": {"sc_layout": "below"}, "above": {"sc_layout": "above"}},
+        )
+        study = radiograph(tmp_path)
+        job = job_in(node, send_study(node, study), "done", "failed_to_deliver")
+    assert job.state == "done" and job.positive, job.error
+    got = {}
+    for name, folder in (("below", below_dir), ("above", above_dir)):
+        received = [dcmread(path) for path in sorted(folder.iterdir())]
+        scs = [ds for ds in received if ds.SOPClassUID == SecondaryCaptureImageStorage]
+        assert len(received) == 2 and len(scs) == 1, (name, [ds.SOPClassUID for ds in received])
+        got[name] = scs[0]
+        assert f"burned in {name} the image" in scs[0].DerivationDescription
+        assert len(deliveries(node, job.id, name)) == 2
+    below, above = got["below"], got["above"]
+    assert below.SOPInstanceUID != above.SOPInstanceUID
+    assert below.SeriesInstanceUID == above.SeriesInstanceUID
+    assert (below.InstanceNumber, above.InstanceNumber) == (1, 2)
+    # the job wrote exactly these two SCs (no layout that no destination asked for)
+    assert sorted(result_uids(node, job.id)) == sorted(
+        {
+            str(ds.SOPInstanceUID)
+            for folder in (below_dir, above_dir)
+            for ds in map(dcmread, folder.iterdir())
+        }
+    )
+    # the pixels: the same image, the result text in a band after it or before it
+    source = dcmread(next(path for path in study.rglob("*") if path.is_file()))
+    aspect = pixel_aspect(frame_attributes(source, 0))
+    image_rows = output_size(int(source.Rows), int(source.Columns), aspect)[0]
+    band = int(below.Rows) - image_rows
+    assert below.Rows == above.Rows and band > 0
+    below_pixels, above_pixels = below.pixel_array, above.pixel_array
+    assert np.array_equal(below_pixels[:image_rows], above_pixels[band:])
+    text = rows_with_colour(below_pixels, YELLOW)
+    assert text.size and text.min() >= image_rows, text
+    text = rows_with_colour(above_pixels, YELLOW)
+    assert text.size and text.max() < band, text

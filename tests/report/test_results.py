@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from dicom_ai_node.report import build_results, predecessor, result_uids
+from dicom_ai_node.report import SC_LAYOUTS, build_results, predecessor, result_uids
 from tests.support.helpers import write
 from tests.support.validators import dciodvfy_errors, sr_validator
 
@@ -38,6 +38,31 @@ def test_outputs_and_new_series(ct_series, predict, card, context):
     assert [r.Modality for r in only_sr] == ["SR"]
     with pytest.raises(ValueError, match="unknown outputs"):
         _results(ct_series, predict(ct_series, SERIES_P), card, context, outputs=["pdf"])
+
+
+def test_one_sc_per_layout_in_one_series(ct_series, predict, card, context):
+    prediction = predict(ct_series, SERIES_P)
+    key = next(ds for ds in ct_series if ds.SOPInstanceUID == prediction.key_image.sop_instance_uid)
+    uids = result_uids("job-1")
+
+    def build(layouts):
+        return build_results(
+            ct_series, key, prediction, card, ["sr", "sc"], uids, context, sc_layouts=layouts
+        )
+
+    built = build(["above", "below", "above"])  # each layout once, in the order given
+    assert [(r.kind, r.layout) for r in built] == [("sr", None), ("sc", "above"), ("sc", "below")]
+    above, below = (r.dataset for r in built[1:])
+    assert above.SOPInstanceUID == uids.sc_instances["above"] != below.SOPInstanceUID
+    assert above.SeriesInstanceUID == below.SeriesInstanceUID == uids.sc_series
+    assert (below.InstanceNumber, above.InstanceNumber) == (1, 2)
+    assert above.Rows == below.Rows > key.Rows
+    assert [r.layout for r in build(["overlay"])[1:]] == ["overlay"]
+    assert build(["below"])[1].dataset.SOPInstanceUID == below.SOPInstanceUID
+    with pytest.raises(ValueError, match="unknown SC layouts"):
+        build(["left"])
+    with pytest.raises(ValueError, match="no layout"):
+        build([])
 
 
 def _cited(sr):
@@ -74,7 +99,8 @@ def test_same_seed_same_uids_and_bytes(ct_series, predict, card, context):
     assert result_uids("job-1") == result_uids("job-1")
     assert result_uids("job-1") != result_uids("job-2")
     uids = result_uids("job-1")
-    assert len({getattr(uids, f) for f in uids.__dataclass_fields__}) == 6
+    singles = {getattr(uids, f) for f in uids.__dataclass_fields__ if f != "sc_instances"}
+    assert len(singles | set(uids.sc_instances.values())) == 5 + len(SC_LAYOUTS)
 
     def encoded():
         out = []

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -162,6 +164,15 @@ def storescp(
 def received_uids(folder: Path) -> list[str]:
     """SOP Instance UIDs of the files ``storescp`` wrote."""
     return sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in folder.iterdir())
+
+
+def rows_with_colour(
+    pixels: npt.NDArray[np.uint8], colour: tuple[int, int, int], tolerance: int = 40
+) -> npt.NDArray[np.intp]:
+    """Indices of the rows of an RGB image that have pixels of ``colour`` (e.g. where the
+    Secondary Capture's burned-in result line is)."""
+    close = np.abs(pixels.astype(int) - colour).max(axis=-1) < tolerance
+    return np.flatnonzero(close.any(axis=1))
 
 
 def claim_from_threads(sessions: sessionmaker[Session], workers: int) -> list[int]:

@@ -28,7 +28,7 @@ from dicom_ai_node.jobs.models import (
     utcnow,
 )
 from dicom_ai_node.jobs.store import add_event
-from dicom_ai_node.report import ReportContext, build_sc, result_uids
+from dicom_ai_node.report import DEFAULT_SC_LAYOUT, ReportContext, build_sc, result_uids
 from dicom_ai_node.synth.studies import Label, Task, generate_studies
 from dicom_ai_node.web.server import HttpServer
 
@@ -92,7 +92,7 @@ def build_result(out_dir: Path, index: int, p: float) -> tuple[Dataset, Dataset]
         prediction,
         CARD,
         series_uid=uids.sc_series,
-        sop_instance_uid=uids.sc_instance,
+        sop_instance_uid=uids.sc_instances[DEFAULT_SC_LAYOUT],
         context=context,
     )
     return source, sc
