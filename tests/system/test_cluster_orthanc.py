@@ -244,7 +244,12 @@ def test_a_node_killed_for_good_mid_work_loses_nothing_and_each_series_gets_one_
         ended = all(job.state in ("done", "failed", "failed_to_deliver") for job in jobs)
         return jobs if ended and len(jobs) >= len(everything) else None
 
-    jobs = wait_for(all_done, timeout=300, interval=0.2)
+    try:
+        jobs = wait_for(all_done, timeout=300, interval=0.2)
+    except AssertionError:
+        with Session(engine) as session:
+            states = [(j.id, j.series_instance_uid, j.state) for j in session.scalars(select(Job))]
+        raise AssertionError(f"not every job ended within 300 s: {states}") from None
     survivors = set(NAMES) - {victim_name}
 
     # The three nodes migrated one at a time and all started.
