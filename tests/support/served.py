@@ -45,10 +45,11 @@ class Served:
             "DICOM_AI_NODE_HTTP__PORT": "0",
             "DICOM_AI_NODE_STORAGE__DATA_DIR": str(self.data),
             "DICOM_AI_NODE_STORAGE__MIN_FREE_MB": "0",
-            "DICOM_AI_NODE_DATABASE__URL": database_url,
             "DICOM_AI_NODE_ASSEMBLE__STABLE_SECONDS": "0.5",
             "DICOM_AI_NODE_WORKER__LEASE_SECONDS": "5",
         }
+        if database_url:
+            self.env["DICOM_AI_NODE_DATABASE__URL"] = database_url
         if node_name is not None:
             self.env["DICOM_AI_NODE_NODE_NAME"] = node_name
         if config is not None:

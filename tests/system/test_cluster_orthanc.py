@@ -4,11 +4,12 @@ Three nodes on 127.0.0.2, .3 and .4 (as three hosts would be) share one PostgreS
 started by the test and one data folder; they start at the same moment against a fresh
 database. Head CT series are spread over them (one study's two series go to two different
 nodes), and each node also has an association left open part-way through a series. As soon
-as a node is running a job, its whole process group is killed with SIGKILL and never
-restarted. The survivors must take over: its job once the lease runs out, its open
-association once its heartbeat is older than the node timeout (so its half series
-completes), and every series ends with one job, done, whose SR and SC are in Orthanc exactly
-once (counted there), with nothing that any node acknowledged lost.
+as a node is seen running a job (or, in the second case, sending results: deliveries leased),
+its whole process group is killed with SIGKILL and never restarted. The survivors must take
+over: its job or deliveries once their leases run out, its open association once its
+heartbeat is older than the node timeout (so its half series completes), and every series
+ends with one job, done, whose SR and SC are in Orthanc exactly once (counted there), with
+nothing that any node acknowledged lost.
 """
 
 from __future__ import annotations
@@ -162,6 +163,37 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
         yield pacs
 
 
+def lease_holder(session: Session, holding: str) -> str | None:
+    """The worker holding a running job, or a delivery it is sending (``holding``)."""
+    if holding == "job":
+        query = select(Job.lease_owner).where(Job.state == "running")
+    else:
+        query = select(Delivery.lease_owner).where(
+            Delivery.state == "pending", Delivery.lease_owner.is_not(None)
+        )
+    owner: str | None = session.scalars(query).first()
+    return owner
+
+
+def held_by(session: Session, holding: str, node: str) -> list[int]:
+    """The running jobs, or the deliveries being sent (``holding``), that ``node`` leases."""
+    if holding == "job":
+        query = select(Job.id).where(Job.state == "running", Job.lease_owner.like(f"{node}:%"))
+    else:
+        query = select(Delivery.id).where(
+            Delivery.state == "pending", Delivery.lease_owner.like(f"{node}:%")
+        )
+    return list(session.scalars(query).all())
+
+
+@pytest.fixture
+def engine(cluster: list[Served]) -> Iterator[Engine]:
+    """The cluster's job log, as the test reads it."""
+    engine = create_db_engine(cluster[0].database_url)
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture
 def cluster(postgres_url: str, orthanc: Orthanc, tmp_path: Path) -> Iterator[list[Served]]:
     """Three `serve` processes on a fresh database and one data folder, started together."""
@@ -191,10 +223,10 @@ def cluster(postgres_url: str, orthanc: Orthanc, tmp_path: Path) -> Iterator[lis
                 node.kill()
 
 
+@pytest.mark.parametrize("holding", ["job", "delivery"])
 def test_a_node_killed_for_good_mid_work_loses_nothing_and_each_series_gets_one_result_set(
-    cluster: list[Served], orthanc: Orthanc, tmp_path: Path
+    cluster: list[Served], engine: Engine, orthanc: Orthanc, tmp_path: Path, holding: str
 ) -> None:
-    engine: Engine = create_db_engine(cluster[0].database_url)
     everything = series(tmp_path / "synth")
     by_sop = {str(ds.SOPInstanceUID): str(ds.SeriesInstanceUID) for s in everything for ds in s}
     by_series = [str(s[0].SeriesInstanceUID) for s in everything]
@@ -210,25 +242,21 @@ def test_a_node_killed_for_good_mid_work_loses_nothing_and_each_series_gets_one_
             acknowledged += uids
     assert len(acknowledged) == 3 * SLICES + 3 * (SLICES // 2)
 
-    # Kill the first node seen running a job, with all its processes, for good.
-    def running_owner() -> str | None:
+    # Kill the first node seen holding such work, with all its processes, for good.
+    def holder() -> str | None:
         with Session(engine) as session:
-            owner = session.scalars(select(Job.lease_owner).where(Job.state == "running")).first()
-        return owner
+            return lease_holder(session, holding)
 
-    owner = wait_for(running_owner, timeout=120, interval=0.01)
+    owner = wait_for(holder, timeout=120, interval=0.005)
     victim_index = NAMES.index(owner.split(":")[0])
-    victim = cluster[victim_index]
-    assert victim.kill() == -9
     victim_name = NAMES[victim_index]
+    assert cluster[victim_index].kill() == -9
     with Session(engine) as session:
-        interrupted = session.scalars(
-            select(Job.id).where(Job.state == "running", Job.lease_owner.like(f"{victim_name}:%"))
-        ).all()
+        held_at_kill = held_by(session, holding, victim_name)
         finished_before = set(
             session.scalars(select(Job.id).where(Job.state.in_(("delivering", "done")))).all()
         )
-    assert interrupted, "the victim finished its job before it was killed: not mid-work"
+    assert held_at_kill, f"the victim finished its {holding} before it was killed: not mid-work"
 
     # The survivors' open associations finish their series; the victim's stays half sent.
     for n, assoc in enumerate(held):
@@ -282,10 +310,11 @@ def test_a_node_killed_for_good_mid_work_loses_nothing_and_each_series_gets_one_
     for job in jobs:
         if job.id not in finished_before:
             assert claimed[job.id][-1] in survivors, (job.id, claimed[job.id])
-    for job_id in interrupted:
-        job = next(j for j in jobs if j.id == job_id)
-        assert victim_name in claimed[job_id] and claimed[job_id][-1] in survivors
-        assert job.interruptions >= 1  # the kill was not counted as a failure
+    if holding == "job":
+        for job_id in held_at_kill:
+            job = next(j for j in jobs if j.id == job_id)
+            assert victim_name in claimed[job_id] and claimed[job_id][-1] in survivors
+            assert job.interruptions >= 1  # the kill was not counted as a failure
     victim_series = everything[3 + victim_index][0].SeriesInstanceUID
     half = next(job for job in jobs if job.series_instance_uid == victim_series)
     assert claimed[half.id] and set(claimed[half.id]) <= survivors
@@ -304,4 +333,3 @@ def test_a_node_killed_for_good_mid_work_loses_nothing_and_each_series_gets_one_
         in_orthanc.add(tags["SOPInstanceUID"])
     assert dict(per_series) == {(s, kind): 1 for s in by_series for kind in (SR_CLASS, SC_CLASS)}
     assert in_orthanc == {d.result_uid for d in deliveries}
-    engine.dispose()
