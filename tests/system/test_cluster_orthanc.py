@@ -44,7 +44,9 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
 SLICES = 6
 # Only what takeover needs is short: a dead node's job lease (the [worker] lease of
-# Served, 5 s), its delivery leases (4 x [dispatch] timeout) and its heartbeat age.
+# Served, 5 s), its delivery leases (4 x [dispatch] timeout) and its heartbeat age. The node
+# timeout stays ten heartbeats long: a live node judged dead would have its open
+# associations closed, and its series split into two generations.
 CONFIG = """
 [dicom]
 network_timeout = 600            # the held associations stay open until the test ends them
