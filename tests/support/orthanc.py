@@ -252,6 +252,18 @@ class Orthanc:
         return out
 
 
+def strings(value: Any) -> Iterator[str]:
+    """Every string anywhere in a JSON value (Orthanc's simplified tags nest sequences)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings(item)
+
+
 @contextmanager
 def running_orthanc(
     root: Path, modalities: Mapping[str, tuple[str, str, int]] | None = None, **kwargs: Any

@@ -21,34 +21,57 @@ from tests.support.helpers import ROOT, free_port, wait_for
 
 
 class Served:
-    """A `dicom-ai-node serve` process on a free port with its data in a folder."""
+    """A `dicom-ai-node serve` process on a free port with its data in a folder.
 
-    def __init__(self, tmp_path: Path, config: Path | None = None) -> None:
+    By default alone, with SQLite in ``tmp_path / "var"``. As a node of a cluster: ``bind``
+    its own loopback address, ``database_url`` the shared PostgreSQL job log, ``data_dir``
+    the shared data folder and ``node_name`` its name (which also names its log file).
+    """
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        config: Path | None = None,
+        *,
+        bind: str = "127.0.0.1",
+        database_url: str = "",
+        data_dir: Path | None = None,
+        node_name: str | None = None,
+    ) -> None:
         self.port = free_port()
         self.http_port = free_port()
-        self.data = tmp_path / "var"
+        self.bind = bind
+        self.data = data_dir or tmp_path / "var"
+        self.database_url = database_url or f"sqlite:///{self.data / 'jobs.sqlite'}"
+        self.node_name = node_name
         self.env = {
             **os.environ,
-            "DICOM_AI_NODE_DICOM__BIND": "127.0.0.1",
+            "DICOM_AI_NODE_DICOM__BIND": bind,
             "DICOM_AI_NODE_DICOM__PORT": str(self.port),
+            "DICOM_AI_NODE_HTTP__BIND": bind,
             "DICOM_AI_NODE_HTTP__PORT": str(self.http_port),
             "DICOM_AI_NODE_STORAGE__DATA_DIR": str(self.data),
             "DICOM_AI_NODE_STORAGE__MIN_FREE_MB": "0",
             "DICOM_AI_NODE_ASSEMBLE__STABLE_SECONDS": "0.5",
             "DICOM_AI_NODE_WORKER__LEASE_SECONDS": "5",
         }
+        if database_url:
+            self.env["DICOM_AI_NODE_DATABASE__URL"] = database_url
+        if node_name is not None:
+            self.env["DICOM_AI_NODE_NODE_NAME"] = node_name
         if config is not None:
             self.env["DICOM_AI_NODE_CONFIG"] = str(config)
         self.args: list[str] = []  # of serve, e.g. --role
-        self.log = tmp_path / "serve.log"
+        self.log = tmp_path / f"{node_name or 'serve'}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait: bool = True) -> None:
         """Start ``serve``; with ``wait``, return once all its processes are ready (failing
-        if it exits)."""
+        if it exits). It runs in a session (and process group) of its own, so that
+        :meth:`kill` ends it with every process it started."""
         if self.proc is not None and self.proc.poll() is None:
             raise AssertionError("serve is running already; stop it first (it would leak)")
-        for stale in (self.data / "run").glob("*/processes.json"):  # of a killed supervisor
+        for stale in self._status_files():  # of a killed supervisor
             stale.unlink()
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -60,20 +83,28 @@ class Served:
                 start_new_session=True,
             )
 
-        if not wait:
-            return
+        if wait:
+            self.wait_listening()
+
+    def wait_listening(self, timeout: float = 180) -> None:
+        """Return once every process of ``serve`` is ready (the receivers accept DICOM
+        connections); fail if it exits first."""
 
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited: {self.log.read_text()}")
-            return bool(self.processes()) and all(child.ready for child in self.processes())
+            processes = self.processes()
+            return bool(processes) and all(child.ready for child in processes)
 
-        wait_for(ready, timeout=180, interval=0.1)
+        wait_for(ready, timeout=timeout, interval=0.1)
+
+    def _status_files(self) -> list[Path]:
+        return sorted((self.data / "run").glob(f"{self.node_name or '*'}/processes.json"))
 
     def processes(self) -> list[ChildState]:
         """The node's processes as its supervisor last described them."""
-        found = sorted((self.data / "run").glob("*/processes.json"))
+        found = self._status_files()
         if not found:
             return []
         assert len(found) == 1, found
@@ -97,21 +128,23 @@ class Served:
                 found.append(pid)
         return sorted(found)
 
-    def kill(self) -> None:
-        """Kill the whole node at once (as when its host fails), if it runs."""
+    def kill(self) -> int | None:
+        """SIGKILL the whole process group (``serve`` and its children) at once, as a host
+        that is lost, if it runs; the exit status of ``serve``. Nothing of it is left."""
         proc, self.proc = self.proc, None
         if proc is None:
-            return
+            return None
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        code = proc.wait()
         wait_for(lambda: not group_members(proc.pid), timeout=60, interval=0.05)
+        return code
 
     def url(self, path: str = "") -> str:
-        return f"http://127.0.0.1:{self.http_port}{path}"
+        return f"http://{self.bind}:{self.http_port}{path}"
 
     def engine(self) -> Engine:
-        return read_only(create_db_engine(f"sqlite:///{self.data / 'jobs.sqlite'}"))
+        return read_only(create_db_engine(self.database_url))
 
 
 def group_members(pgid: int) -> dict[int, list[str]]:

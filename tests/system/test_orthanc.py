@@ -18,7 +18,7 @@ from dicom_ai_node.jobs.models import Delivery, Event, Job, Result
 from dicom_ai_node.node import Node
 from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support.helpers import free_port, wait_for
-from tests.support.orthanc import Orthanc
+from tests.support.orthanc import Orthanc, strings
 
 pytestmark = pytest.mark.peers
 
@@ -74,18 +74,6 @@ def job_of(node: Node, study_uid: str, states: tuple[str, ...], timeout: float =
 
     job: Job = wait_for(reached, timeout=timeout, interval=0.1)
     return job
-
-
-def strings(value: Any) -> Iterator[str]:
-    """Every string anywhere in a JSON value (Orthanc's simplified tags nest sequences)."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from strings(item)
 
 
 def results_in_orthanc(orthanc: Orthanc, study_uid: str) -> dict[str, list[dict[str, Any]]]:
