@@ -245,6 +245,12 @@ class WorkerSettings(_Section):
         gt=0,
         description="A job whose inference runs longer is stopped and failed (not retried)",
     )
+    inference_threads: int = Field(
+        default=0,
+        ge=0,
+        description="Intra-op threads of TensorFlow and ONNX Runtime in a work process; 0: one "
+        "per usable core. Fewer leave cores to the receivers (infer.configure_threads)",
+    )
 
 
 class DispatchSettings(_Section):

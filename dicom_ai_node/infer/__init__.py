@@ -13,6 +13,7 @@ from dicom_ai_node.infer.runtime import (
     ModelPackageError,
     NoUsableImagesError,
     configure_tensorflow,
+    configure_threads,
     load_models,
     read_cards,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "NoUsableImagesError",
     "SeriesPrediction",
     "configure_tensorflow",
+    "configure_threads",
     "load_models",
     "read_cards",
     "to_model_input",

@@ -81,6 +81,9 @@ class Backend(ABC):
     explanation: str
     #: True when maps cost about one more pass (so they may be made for every image).
     explain_in_pass: bool
+    #: True when the network takes only full batches of ``batch_size`` (shorter ones are
+    #: zero-padded); False when it takes any batch size up to it.
+    fixed_batch: bool = False
 
     def __init__(self, card: ModelCard, batch_size: int, positive_index: int) -> None:
         self.card = card
@@ -115,16 +118,17 @@ class Backend(ABC):
 
     @abstractmethod
     def forward(self, batch: Array) -> Array:
-        """Probabilities (batch, labels) of a full batch."""
+        """Probabilities (batch, labels) of a batch (a full one when ``fixed_batch``)."""
 
     @abstractmethod
     def explain(self, batch: Array, count: int) -> tuple[Array, Array]:
-        """Probabilities and maps (batch, height, width) in [0, 1] of a full batch whose first
+        """Probabilities and maps (batch, height, width) in [0, 1] of a batch whose first
         ``count`` images are real (the rest is padding, which may get empty maps)."""
 
 
 class KerasBackend(Backend):
-    """``model.keras`` through one ``tf.function`` per pass, traced once at warm-up."""
+    """``model.keras`` through one ``tf.function`` per pass, traced once at warm-up for any
+    batch size (``model.predict`` costs ~10x more per call: it builds a dataset each time)."""
 
     kind = "keras"
     explain_in_pass = True
@@ -140,7 +144,7 @@ class KerasBackend(Backend):
             raise BackendError(f"cannot load model.keras: {exc}") from exc
         self._check(self.model.input_shape[1:], self.model.output_shape[-1])
         self.explanation = self._explanation(("gradcam",))
-        spec = tf.TensorSpec(self.shape, tf.float32)
+        spec = tf.TensorSpec((None, *self.shape[1:]), tf.float32)
         self._forward = tf.function(self._forward_fn, input_signature=[spec])
         self._explain = None
         if self.explanation == "gradcam":
@@ -233,6 +237,7 @@ class SavedModelBackend(Backend):
         (input_name, input_spec), (output_spec,) = next(iter(inputs.items())), outputs.values()
         self._check(tuple(input_spec.shape[1:]), output_spec.shape[-1])
         self.explanation = self._explanation(("input_gradient",))
+        self.fixed_batch = input_spec.shape[0] is not None
         self._variables = sum(int(np.prod(v.shape)) for v in signature.variables)
 
         def run(images: Any) -> Any:
@@ -247,7 +252,9 @@ class SavedModelBackend(Backend):
             peak = tf.reduce_max(grads, axis=(1, 2), keepdims=True)
             return probabilities, tf.math.divide_no_nan(grads, peak)
 
-        spec = tf.TensorSpec(self.shape, tf.float32)
+        spec = tf.TensorSpec(
+            self.shape if self.fixed_batch else (None, *self.shape[1:]), tf.float32
+        )
         self._forward = tf.function(run, input_signature=[spec])
         self._explain = tf.function(saliency, input_signature=[spec])
 
@@ -297,6 +304,7 @@ class OnnxBackend(Backend):
         if self._nchw:
             dims = (*dims[1:], dims[0])
         self._check(dims, first_out.shape[-1])
+        self.fixed_batch = isinstance(first_in.shape[0], int)
         self.explanation = self._explanation(("occlusion",))
         self._parameters = _onnx_parameters(path)
 
@@ -331,8 +339,10 @@ class OnnxBackend(Backend):
         scores = np.empty(len(cells), dtype=np.float32)
         for start in range(0, len(cells), self.batch_size):
             chunk = masked[start : start + self.batch_size]
-            batch = np.zeros(self.shape, dtype=np.float32)
-            batch[: len(chunk)] = chunk
+            batch = chunk
+            if self.fixed_batch:
+                batch = np.zeros(self.shape, dtype=np.float32)
+                batch[: len(chunk)] = chunk
             scores[start : start + len(chunk)] = self.forward(batch)[
                 : len(chunk), self.positive_index
             ]

@@ -108,10 +108,16 @@ class ModelCard(_Strict):
         "occlusion (ONNX); none: no map, and the results say so",
     )
     batch_size: int | None = Field(
-        default=None, gt=0, description="Images per batch; None: the node's setting"
+        default=None,
+        gt=0,
+        description="Images per batch; None: automatic from the input size (runtime."
+        "auto_batch_size: 8 at 224x224, 2 at 512x512)",
     )
     threads: int = Field(
-        default=0, ge=0, description="ONNX Runtime intra-op threads; 0: one per core"
+        default=0,
+        ge=0,
+        description="ONNX Runtime intra-op threads, at most the process's ([worker] "
+        "inference_threads); 0: the process's. TensorFlow's threads are per process",
     )
     evaluation_prevalence: tuple[float, float, float] | None = Field(
         default=None,

@@ -33,7 +33,7 @@ from dicom_ai_node.infer.backends import (
     weights_path,
     weights_sha256,
 )
-from dicom_ai_node.infer.card import Aggregation, ModelCard
+from dicom_ai_node.infer.card import Aggregation, InputSpec, ModelCard
 from dicom_ai_node.infer.prediction import ImagePrediction, SeriesPrediction
 from dicom_ai_node.infer.preprocess import number_of_frames, to_model_input
 
@@ -49,7 +49,16 @@ BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 HeatmapPolicy = Literal["key", "positive", "all"]
 
 _tf_lock = threading.Lock()
-_tf_configured = False
+#: The thread counts asked for by :func:`configure_threads` (zeros: automatic).
+_requested = (0, 0)
+#: What TensorFlow runs with, once :func:`configure_tensorflow` has applied it.
+_tf_threads: ThreadSettings | None = None
+
+#: Pixels per batch that :func:`auto_batch_size` aims at: 8 images of 224x224, 16 of 128x128,
+#: 2 of 512x512. On CPU the throughput per image hardly grows beyond this, while memory (the
+#: activations, and so the peak RSS of a worker) grows with the batch.
+_BATCH_PIXELS = 2**19
+_MAX_BATCH = 16
 
 
 class ModelPackageError(Exception):
@@ -65,23 +74,82 @@ class InferenceTimeoutError(TimeoutError):
     """A series took longer than its time limit; its inference was stopped."""
 
 
-def configure_tensorflow(intra_op_threads: int = 0, inter_op_threads: int = 0) -> None:
-    """Silence TensorFlow's C++ logs and set its thread pools (0 = TensorFlow's default).
+@dataclass(frozen=True)
+class ThreadSettings:
+    """Threads of TensorFlow and ONNX Runtime in this process: ``intra_op`` run one operation
+    (a convolution) in parallel, ``inter_op`` run independent operations side by side."""
 
-    Thread settings only take effect before TensorFlow runs its first op, so the first call
-    wins; later calls are ignored. Called by :func:`load_models` with the defaults.
+    intra_op: int
+    inter_op: int
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which a container or ``taskset``
+    narrows), not the host's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_threads(intra_op: int = 0, inter_op: int = 0) -> ThreadSettings:
+    """Thread counts with 0 made automatic: intra-op one per usable core; inter-op 1 (a CNN is
+    a chain of operations, each large enough to fill the cores on its own; Intel's advice for
+    TensorFlow on CPU is one inter-op thread per socket)."""
+    if intra_op < 0 or inter_op < 0:
+        raise ValueError(f"thread counts must be >= 0, not {intra_op}, {inter_op}")
+    return ThreadSettings(intra_op or usable_cores(), inter_op or 1)
+
+
+def configure_threads(intra_op: int = 0, inter_op: int = 0) -> ThreadSettings:
+    """Set the inference threads of this process (0 = automatic), for TensorFlow and ONNX Runtime.
+
+    A worker process that shares the host's cores with receivers gives inference fewer threads
+    than cores (``[worker] inference_threads``), so that a long series cannot starve them.
+    TensorFlow fixes its thread pools when it runs its first op: call this before any model
+    is loaded. It does not import TensorFlow. Raises ``RuntimeError`` when TensorFlow already
+    runs with other counts (a second call with the same counts is harmless).
     """
-    global _tf_configured
+    global _requested
+    wanted = resolve_threads(intra_op, inter_op)
     with _tf_lock:
-        if _tf_configured:
+        if _tf_threads is not None and _tf_threads != wanted:
+            raise RuntimeError(
+                f"TensorFlow already runs with {_tf_threads}: configure_threads({intra_op}, "
+                f"{inter_op}) must be called before the first model is loaded"
+            )
+        _requested = (intra_op, inter_op)
+    return wanted
+
+
+def thread_settings() -> ThreadSettings:
+    """The thread counts models loaded now will use (TensorFlow's, once it runs)."""
+    with _tf_lock:
+        return _tf_threads or resolve_threads(*_requested)
+
+
+def configure_tensorflow() -> None:
+    """Import TensorFlow with its C++ logs silenced and the threads of :func:`configure_threads`
+    applied; the first call does it, later ones return at once. Called before any TensorFlow
+    model is loaded or trained."""
+    global _tf_threads
+    with _tf_lock:
+        if _tf_threads is not None:
             return
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
         tf.get_logger().setLevel(logging.ERROR)
-        tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
-        tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
-        _tf_configured = True
+        threads = resolve_threads(*_requested)
+        tf.config.threading.set_intra_op_parallelism_threads(threads.intra_op)
+        tf.config.threading.set_inter_op_parallelism_threads(threads.inter_op)
+        _tf_threads = threads
+
+
+def auto_batch_size(input_spec: InputSpec) -> int:
+    """Images per batch for a card that does not set ``batch_size``: the largest power of two
+    whose images hold at most ``_BATCH_PIXELS`` pixels, from 1 to 16."""
+    fit = max(1, _BATCH_PIXELS // (input_spec.height * input_spec.width))
+    return int(min(_MAX_BATCH, 2 ** (fit.bit_length() - 1)))
 
 
 def find_packages(dirs: Sequence[Path]) -> list[Path]:
@@ -126,7 +194,7 @@ def read_cards(extra_dirs: Sequence[Path] = ()) -> dict[str, tuple[Path, ModelCa
 def load_models(
     extra_dirs: Sequence[Path] = (),
     *,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     heatmaps: HeatmapPolicy = "positive",
 ) -> dict[str, LoadedModel]:
     """Load, check and warm up every bundled and extra model package, by model name."""
@@ -153,12 +221,13 @@ class LoadedModel:
         package: Path,
         *,
         card: ModelCard | None = None,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         heatmaps: HeatmapPolicy = "positive",
     ) -> None:
         self.package = package
         self.card = card or read_card(package)
-        self.batch_size = self.card.batch_size or batch_size
+        #: Images per batch: the card's, else the caller's, else :func:`auto_batch_size`.
+        self.batch_size = self.card.batch_size or batch_size or auto_batch_size(self.card.input)
         self.heatmaps: HeatmapPolicy = heatmaps
         self._positive_index = next(i for i, label in enumerate(self.card.labels) if label.positive)
         where = f"model package {self.card.name} ({package})"
@@ -166,17 +235,24 @@ class LoadedModel:
             path = weights_path(package)
             if path.name != "model.onnx":
                 configure_tensorflow()
+            self.threads = thread_settings()
+            if self.card.threads:  # the card may ask for fewer than the process has, not more
+                self.threads = replace(
+                    self.threads, intra_op=min(self.card.threads, self.threads.intra_op)
+                )
             self.backend, self.weights = load_backend(
-                package, self.card, self.batch_size, self._positive_index, self.card.threads
+                package, self.card, self.batch_size, self._positive_index, self.threads.intra_op
             )
         except BackendError as exc:
             raise ModelPackageError(f"{where}: {exc}") from exc
         self.weights_sha256 = weights_sha256(self.weights)
         self._empty = np.zeros(self.backend.shape, dtype=np.float32)
-        try:  # warm up: trace the graphs once, now
+        try:  # warm up: trace the graphs once, now, at the sizes a series uses
             self.backend.forward(self._empty)
             if self.backend.explain_in_pass and self.backend.explanation != "none":
                 self.backend.explain(self._empty, self.batch_size)
+                if not self.backend.fixed_batch:  # the key image's map, made on its own
+                    self.backend.explain(self._empty[:1], 1)
         except Exception as exc:  # a network that loads but does not run on its own input
             raise ModelPackageError(f"{where}: the weights do not run: {exc}") from exc
 
@@ -190,13 +266,14 @@ class LoadedModel:
     def predict_batch(
         self, images: npt.NDArray[np.float32], *, explain: bool = False
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
-        """Probabilities (n, labels) and, with ``explain``, Grad-CAM maps (n, h, w) of up to
-        ``batch_size`` preprocessed images (zero-padded to the compiled batch size)."""
+        """Probabilities (n, labels) and, with ``explain``, heat maps (n, h, w) of up to
+        ``batch_size`` preprocessed images. A short batch runs as it is when the network takes
+        any batch size (the key image's map costs one image, not a batch), else zero-padded."""
         count = len(images)
         if count > self.batch_size:
             raise ValueError(f"{count} images exceed the batch size {self.batch_size}")
         batch = images
-        if count < self.batch_size:
+        if count < self.batch_size and self.backend.fixed_batch:
             batch = self._empty.copy()
             batch[:count] = images
         if explain and self.backend.explanation != "none":
