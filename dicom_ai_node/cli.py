@@ -188,6 +188,10 @@ def child(
     log = logging.getLogger("dicom_ai_node")
     stop = _stop_on_signals(log, signal.SIGTERM)
     status = ProcessStatus(settings.storage.data_dir, settings.node_name)
+    if role == "work":  # before any model loads: TensorFlow fixes its pools at its first op
+        from dicom_ai_node.infer.runtime import configure_threads
+
+        configure_threads(settings.worker.inference_threads)
     try:
         node = Node(
             settings,
