@@ -8,7 +8,6 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
@@ -174,12 +173,7 @@ def child(
     """One process of ``serve``'s supervisor (not for direct use)."""
     from dicom_ai_node.node import Node
     from dicom_ai_node.processes import ProcessStatus
-    from dicom_ai_node.supervisor import (
-        CONFIG_ERROR,
-        die_with_supervisor,
-        inherited_listener,
-        report_ready,
-    )
+    from dicom_ai_node.supervisor import CONFIG_ERROR, die_with_supervisor, inherited_listener
 
     die_with_supervisor()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor says when to stop
@@ -203,17 +197,14 @@ def child(
         err.print(f"[red]configuration error:[/red] {exc}")
         raise typer.Exit(CONFIG_ERROR) from None
     with record_crashes(settings.storage.data_dir, node.owner):
-        _run(node, settings, stop, log, report_ready)
+        _run(node, settings, stop, log)
 
 
-def _run(
-    node: Node,
-    settings: Settings,
-    stop: threading.Event,
-    log: logging.Logger,
-    ready: Callable[[], None],
-) -> None:
-    """Start the node's roles, wait for a stop signal, stop them."""
+def _run(node: Node, settings: Settings, stop: threading.Event, log: logging.Logger) -> None:
+    """Start the node's roles, tell the supervisor they are ready, wait for a stop signal,
+    stop them."""
+    from dicom_ai_node.supervisor import report_ready
+
     try:
         node.start()
     except ConfigError as exc:
@@ -234,7 +225,7 @@ def _run(
         log.info("DICOM %s@%s:%d", settings.dicom.ae_title, settings.dicom.bind, node.scp.port)
     if "work" in node.roles:
         log.info("models: %s", ", ".join(sorted(node.models)) or "none")
-    ready()
+    report_ready()
     stop.wait()
     node.stop()
     log.info("stopped")

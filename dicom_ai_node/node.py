@@ -67,7 +67,7 @@ class Node:
 
     ``start()`` returns once it listens; ``stop()`` shuts it down cleanly. With every role
     and no ``status`` it is the whole node in one process (the tests, ``demo``) and does the
-    node's own duties too: recovery at start and the heartbeat (:func:`recover_node`). As a
+    node's own duties too: recovery at start and the heartbeat (:class:`NodeDuties`). As a
     child of ``serve``'s supervisor (:mod:`dicom_ai_node.supervisor`) it runs its roles only:
     the supervisor did the duties, ``listener`` is the DICOM socket it opened and ``status``
     reads what it knows of its processes, for ``/healthz`` and ``/metrics``.
