@@ -4,12 +4,15 @@ and the real DCMTK tools."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -210,3 +213,19 @@ def acknowledged_by_storescu(storescu_log: str) -> set[str]:
                 acknowledged.add(str(dcmread(current, stop_before_pixels=True).SOPInstanceUID))
             current = None
     return acknowledged
+
+
+def http_json(url: str) -> tuple[int, dict[str, object]]:
+    """The status and JSON body of a GET, an error status (``/healthz``'s 503) included."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def metric_sample(metrics_url: str, prefix: str) -> str:
+    """The value of the first sample of a Prometheus exposition whose line starts with
+    ``prefix`` (a name and the opening of its labels)."""
+    lines = urllib.request.urlopen(metrics_url, timeout=10).read().decode().splitlines()
+    return next(str(line.split()[-1]) for line in lines if line.startswith(prefix))

@@ -115,9 +115,7 @@ class Served:
         assert self.proc is not None
         proc, self.proc = self.proc, None
         proc.send_signal(sig)
-        code = proc.wait(timeout=120)
-        wait_for(lambda: not group_members(proc.pid), timeout=60, interval=0.05)
-        return code
+        return _gone(proc, timeout=120)
 
     def children(self, role: str | None = None) -> list[int]:
         """The pids of the supervisor's live children (of ``role``)."""
@@ -136,15 +134,20 @@ class Served:
             return None
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        code = proc.wait()
-        wait_for(lambda: not group_members(proc.pid), timeout=60, interval=0.05)
-        return code
+        return _gone(proc)
 
     def url(self, path: str = "") -> str:
         return f"http://{self.bind}:{self.http_port}{path}"
 
     def engine(self) -> Engine:
         return read_only(create_db_engine(self.database_url))
+
+
+def _gone(proc: subprocess.Popen[bytes], timeout: float | None = None) -> int:
+    """The exit status of ``serve`` once it and every process of its group have ended."""
+    code = proc.wait(timeout=timeout)
+    wait_for(lambda: not group_members(proc.pid), timeout=60, interval=0.05)
+    return code
 
 
 def group_members(pgid: int) -> dict[int, list[str]]:

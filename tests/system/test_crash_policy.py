@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.request
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from sqlalchemy.orm import Session
 from dicom_ai_node.jobs.models import Event, Job
 from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support import poison
-from tests.support.helpers import ROOT, run_tool, wait_for
+from tests.support.helpers import ROOT, metric_sample, run_tool, wait_for
 from tests.support.served import Served
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
@@ -64,11 +63,8 @@ def test_poison_job_fails_after_its_crashes_and_outside_kills_do_not_count(
         return found is not None and [found.lease_owner] == [f"crashtest:{w}" for w in workers]
 
     def work_restarts() -> str:
-        metrics = urllib.request.urlopen(served.url("/metrics"), timeout=10).read().decode()
-        return next(
-            str(line.split()[-1])
-            for line in metrics.splitlines()
-            if line.startswith('dicom_ai_node_process_restarts_total{role="work"')
+        return metric_sample(
+            served.url("/metrics"), 'dicom_ai_node_process_restarts_total{role="work"'
         )
 
     def judged(interruptions: int) -> bool:

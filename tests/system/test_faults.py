@@ -9,7 +9,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +24,9 @@ from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support.helpers import (
     acknowledged_by_storescu,
     free_port,
+    http_json,
     instance,
+    metric_sample,
     received_uids,
     run_tool,
     storescp,
@@ -68,14 +69,6 @@ def _store_status(node: Node) -> int:
     return status
 
 
-def _http_json(url: str) -> tuple[int, dict[str, object]]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def test_full_disk_refuses_with_out_of_resources_and_resumes_by_itself(
     node_factory: Callable[..., Node], small_disk: Path
 ) -> None:
@@ -86,14 +79,14 @@ def test_full_disk_refuses_with_out_of_resources_and_resumes_by_itself(
     ballast.write_bytes(b"\0" * (free - 4 * 2**20))  # leave 4 MB: below the 8 MB floor
     time.sleep(1.1)  # the handler looks at the disk at most once a second
     assert _store_status(node) == 0xA700
-    code, health = _http_json(f"http://127.0.0.1:{node.http.port}/healthz")
+    code, health = http_json(f"http://127.0.0.1:{node.http.port}/healthz")
     assert code == 503
     assert "free-space floor" in json.dumps(health)
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{node.http.port}/metrics").read()
-    assert b"dicom_ai_node_spool_below_floor 1.0" in metrics
+    metrics = f"http://127.0.0.1:{node.http.port}/metrics"
+    assert metric_sample(metrics, "dicom_ai_node_spool_below_floor ") == "1.0"
     ballast.unlink()
     wait_for(lambda: _store_status(node) == 0x0000, timeout=10, interval=0.3)
-    assert _http_json(f"http://127.0.0.1:{node.http.port}/healthz")[0] == 200
+    assert http_json(f"http://127.0.0.1:{node.http.port}/healthz")[0] == 200
     with node.read_sessions() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 2
 

@@ -3,11 +3,9 @@ held is cleaned up at once, nothing acknowledged is lost, ``--role`` runs a subs
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +16,13 @@ from sqlalchemy.orm import Session
 from dicom_ai_node.jobs.models import Association, Instance, Job
 from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support import poison
-from tests.support.helpers import acknowledged_by_storescu, run_tool, wait_for
+from tests.support.helpers import (
+    acknowledged_by_storescu,
+    http_json,
+    metric_sample,
+    run_tool,
+    wait_for,
+)
 from tests.support.served import Served
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
@@ -33,16 +37,11 @@ def served(tmp_path: Path) -> Iterator[Served]:
 
 
 def _metric(served: Served, prefix: str) -> str:
-    text = urllib.request.urlopen(served.url("/metrics"), timeout=10).read().decode()
-    return next(str(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+    return metric_sample(served.url("/metrics"), prefix)
 
 
 def _health(served: Served) -> dict[str, object]:
-    try:
-        with urllib.request.urlopen(served.url("/healthz"), timeout=10) as response:
-            return dict(json.loads(response.read()))
-    except urllib.error.HTTPError as error:
-        return dict(json.loads(error.read()))
+    return http_json(served.url("/healthz"))[1]
 
 
 def _restarted(served: Served, role: str, dead: int) -> list[int]:
