@@ -17,7 +17,9 @@ Then ingest under inference: a node with the ``head-ct`` route (``head-ct-hemorr
 takes one series with 1 sender while idle, then is sent a 200-slice head CT and, once that
 CT's job is running, another series; the share of that ingest during which a job was running
 is printed with it. Every server's process tree is sampled while it runs, and the peak RSS
-(``VmHWM`` of ``/proc/<pid>/status``) of each process in it is printed, children included.
+(``VmHWM`` of ``/proc/<pid>/status``) of each process in it is printed, children included;
+so is the tree's CPU time per image and how many of the machine's cores were busy (a case
+whose cores are all busy is bound by CPU, not by waiting).
 
 Each case is run ``--repeat`` times with series of their own (fresh UIDs) on the same server;
 medians are printed, with the ratios against the goals of issue 10. ``TCP_NODELAY=1`` is set
@@ -56,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from dicom_ai_node.processes import ProcessStatus  # noqa: E402
 from dicom_ai_node.synth import Label, Task, generate_studies  # noqa: E402
 from tests.support.helpers import DCMTK_ENV, free_port, wait_for  # noqa: E402
 
@@ -200,13 +203,21 @@ class Server:
     port: int
     aet: str
     sampler: TreeSampler
+    pid: int
 
 
 @contextmanager
 def serving(
-    label: str, command: list[str], port: int, aet: str, env: dict[str, str] | None = None
+    label: str,
+    command: list[str],
+    port: int,
+    aet: str,
+    env: dict[str, str] | None = None,
+    ready: Callable[[], bool] | None = None,
 ) -> Iterator[Server]:
-    """Run ``command`` (a server on ``port``) with its process tree sampled, until exit."""
+    """Run ``command`` (a server on ``port``) with its process tree sampled, until exit;
+    measured once it listens and ``ready()`` (a node: every process ready, the models
+    loaded, so that no start-up work is billed to the first case)."""
     proc = subprocess.Popen(
         command,
         env=env or DCMTK_ENV,
@@ -218,10 +229,13 @@ def serving(
     thread = threading.Thread(target=sampler.run, daemon=True)
     thread.start()
     try:
-        wait_for(lambda: proc.poll() is not None or _listening(port), timeout=180)
+        wait_for(
+            lambda: proc.poll() is not None or (_listening(port) and (ready is None or ready())),
+            timeout=180,
+        )
         if proc.poll() is not None:
             raise RuntimeError(f"{label} exited ({proc.returncode}) before listening")
-        yield Server(label, port, aet, sampler)
+        yield Server(label, port, aet, sampler, proc.pid)
         sampler.sample()
     finally:
         proc.terminate()
@@ -272,23 +286,99 @@ def node_command(
     return [sys.executable, "-m", "dicom_ai_node", "serve"], env, port
 
 
+def node_ready(work: Path, name: str) -> Callable[[], bool]:
+    """Whether the supervisor of the node in ``work/name`` reports every process ready."""
+
+    def ready() -> bool:
+        found = list((work / name / "run").glob("*/processes.json"))
+        if len(found) != 1:
+            return False
+        children = ProcessStatus(work / name, found[0].parent.name).read()
+        return bool(children) and all(child.ready for child in children)
+
+    return ready
+
+
 def stored_instances(work: Path, name: str) -> int:
     """How many instances the node's job log holds."""
     with sqlite3.connect(work / name / "jobs.sqlite") as db:
         return int(db.execute("SELECT count(*) FROM instances").fetchone()[0])
 
 
-def rates(server: Server, sets: Sequence[Sequence[Path]], senders: int) -> list[float]:
-    """Images per second for each set of files sent to ``server``."""
-    return [len(files) / send(server.port, server.aet, files, senders) for files in sets]
+def _tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system) used so far by ``root``'s process tree, its ended and reaped
+    children included (``cutime``, ``cstime``: fields 14 to 17 of ``/proc/<pid>/stat``)."""
+    ticks = 0
+    for pid in _descendants(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        ticks += sum(int(value) for value in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_seconds() -> tuple[float, float]:
+    """CPU seconds, all cores, that the machine has spent busy (user, nice, system, irq,
+    softirq) and that its virtual machine's host has taken (steal), from ``/proc/stat``."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+@dataclass(frozen=True)
+class Run:
+    """One set of files sent: images per second, the server's CPU time per image, how many
+    of the machine's cores were busy on average (senders and all else included) and how
+    many the host took from this virtual machine (steal: a noisy neighbour)."""
+
+    rate: float
+    cpu_ms_per_image: float
+    cores_busy: float
+    cores_stolen: float
+
+
+def rates(server: Server, sets: Sequence[Sequence[Path]], senders: int) -> list[Run]:
+    """Each set of files sent to ``server``, measured."""
+    runs = []
+    for files in sets:
+        cpu, (busy, stolen) = _tree_cpu_seconds(server.pid), _machine_seconds()
+        seconds = send(server.port, server.aet, files, senders)
+        busy_after, stolen_after = _machine_seconds()
+        cpu = _tree_cpu_seconds(server.pid) - cpu
+        runs.append(
+            Run(
+                len(files) / seconds,
+                1000 * cpu / len(files),
+                (busy_after - busy) / seconds,
+                (stolen_after - stolen) / seconds,
+            )
+        )
+    return runs
+
+
+def median_run(runs: Sequence[Run]) -> Run:
+    """The median of each figure of ``runs``."""
+    return Run(
+        statistics.median(r.rate for r in runs),
+        statistics.median(r.cpu_ms_per_image for r in runs),
+        statistics.median(r.cores_busy for r in runs),
+        statistics.median(r.cores_stolen for r in runs),
+    )
 
 
 @dataclass
 class Results:
     rate: dict[tuple[str, int], float] = field(default_factory=dict)  # (server, senders)
+    run: dict[tuple[str, int], Run] = field(default_factory=dict)  # medians, same keys
     rss: dict[str, str] = field(default_factory=dict)  # server label -> summary
     receivers: dict[int, int] = field(default_factory=dict)  # senders -> receive processes
     coverage: float = 0.0  # share of the ingest under inference with a job running
+
+    def record(self, server: str, senders: int, runs: Sequence[Run]) -> None:
+        self.run[server, senders] = median_run(runs)
+        self.rate[server, senders] = self.run[server, senders].rate
 
 
 def run_senders(work: Path, sets: list[list[Path]], results: Results) -> None:
@@ -301,7 +391,7 @@ def run_senders(work: Path, sets: list[list[Path]], results: Results) -> None:
         with serving(f"storescp --fork, {senders} sender(s)", command, port, "STORESCP") as server:
             runs = rates(server, sets, senders)
         results.rss[server.label] = server.sampler.summary()
-        results.rate["storescp", senders] = statistics.median(runs)
+        results.record("storescp", senders, runs)
         if sum(1 for _ in out.iterdir()) != sum(map(len, sets)):
             raise RuntimeError("storescp lost files")
         shutil.rmtree(out)
@@ -311,10 +401,10 @@ def run_senders(work: Path, sets: list[list[Path]], results: Results) -> None:
         name = f"node-{senders}"
         command, env, port = node_command(work, name, receivers, routes=False)
         label = f"node, {senders} sender(s), receive={receivers}"
-        with serving(label, command, port, "AINODE", env) as server:
+        with serving(label, command, port, "AINODE", env, node_ready(work, name)) as server:
             runs = rates(server, sets, senders)
         results.rss[label] = server.sampler.summary()
-        results.rate["node", senders] = statistics.median(runs)
+        results.record("node", senders, runs)
         if (stored := stored_instances(work, name)) != sum(map(len, sets)):
             raise RuntimeError(f"node recorded {stored} of {sum(map(len, sets))}")
         shutil.rmtree(work / name)
@@ -324,7 +414,7 @@ def run_senders(work: Path, sets: list[list[Path]], results: Results) -> None:
     port = free_port()
     command = [sys.executable, str(ROOT / "benchmarks" / "bare_scp.py"), str(port), str(out)]
     with serving("bare pynetdicom SCP, 1 sender", command, port, "BARESCP") as server:
-        results.rate["bare", 1] = statistics.median(rates(server, sets, 1))
+        results.record("bare", 1, rates(server, sets, 1))
     results.rss[server.label] = server.sampler.summary()
     shutil.rmtree(out)
 
@@ -365,8 +455,8 @@ def run_under_inference(
     name = "node-infer"
     command, env, port = node_command(work, name, 1, routes=True)
     label = "node under inference, 1 sender, receive=1"
-    with serving(label, command, port, "AINODE", env) as server:
-        results.rate["idle", 1] = statistics.median(rates(server, idle, 1))
+    with serving(label, command, port, "AINODE", env, node_ready(work, name)) as server:
+        results.record("idle", 1, rates(server, idle, 1))
         busy_rates, covered = [], []
         for files in busy:
             send(server.port, server.aet, ct, 1)
@@ -401,6 +491,15 @@ def report(results: Results, count: int, size_mb: float, repeat: int, slices: in
             f"{node / dcmtk:14.2f} {node / r['node', 1]:11.2f}"
         )
     print(f"bare pynetdicom SCP (write + fsync only), 1 sender: {r['bare', 1]:.1f} img/s")
+    print(
+        "CPU: the server's process tree, ms per image; the machine's cores busy meanwhile, "
+        "and taken by the host (steal)"
+    )
+    for (server, senders), run in results.run.items():
+        print(
+            f"  {server:9} {senders} sender(s): {run.cpu_ms_per_image:5.1f} ms/img, "
+            f"{run.cores_busy:.2f} of {CORES} cores busy, {run.cores_stolen:.2f} stolen"
+        )
     print(
         f"node with the head-ct route, 1 sender: idle {r['idle', 1]:.1f} img/s, while a "
         f"{slices}-slice CT is inferred {r['busy', 1]:.1f} img/s (a job ran during "
