@@ -30,5 +30,6 @@ def test_ingest_benchmark_quick() -> None:
             out
         )
     for goal in ("1 sender / bare SCP", "4 senders / 1 sender", "under inference / idle"):
-        assert re.search(rf"{goal}\s+[\d.]+\s+goal >= [\d.]+: (ok|MISSED)", out), out
+        assert re.search(rf"{goal}\s+[\d.]+ \([\d. ]+\)\s+goal >= [\d.]+: (ok|MISSED)", out), out
     assert re.search(r"node under inference.*serve: \d+ MB", out), out
+    assert re.search(r"node\s+4 sender\(s\):\s+[\d.]+ ms/img, [\d.]+ of \d+ cores busy", out), out
