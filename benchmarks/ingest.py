@@ -203,7 +203,6 @@ class Server:
     port: int
     aet: str
     sampler: TreeSampler
-    pid: int
 
 
 @contextmanager
@@ -235,7 +234,7 @@ def serving(
         )
         if proc.poll() is not None:
             raise RuntimeError(f"{label} exited ({proc.returncode}) before listening")
-        yield Server(label, port, aet, sampler, proc.pid)
+        yield Server(label, port, aet, sampler)
         sampler.sample()
     finally:
         proc.terminate()
@@ -341,12 +340,13 @@ class Run:
 
 def measure(server: Server, files: Sequence[Path], senders: int) -> Run:
     """Send ``files`` to ``server`` with ``senders`` storescu processes, measured."""
-    cpu, (busy, stolen) = _tree_cpu_seconds(server.pid), _machine_seconds()
+    root = server.sampler.root
+    cpu, (busy, stolen) = _tree_cpu_seconds(root), _machine_seconds()
     seconds = send(server.port, server.aet, files, senders)
     busy_after, stolen_after = _machine_seconds()
     return Run(
         len(files) / seconds,
-        1000 * (_tree_cpu_seconds(server.pid) - cpu) / len(files),
+        1000 * (_tree_cpu_seconds(root) - cpu) / len(files),
         (busy_after - busy) / seconds,
         (stolen_after - stolen) / seconds,
     )
@@ -485,10 +485,11 @@ def run_under_inference(
 
 
 def _ratio_line(name: str, ratios: Sequence[float], goal: float | None) -> str:
+    median = statistics.median(ratios)
     each = " ".join(f"{r:.2f}" for r in ratios)
-    line = f"  {name:24} {statistics.median(ratios):5.2f} ({each})"
+    line = f"  {name:24} {median:5.2f} ({each})"
     if goal is not None:
-        line += f"  goal >= {goal}: {'ok' if statistics.median(ratios) >= goal else 'MISSED'}"
+        line += f"  goal >= {goal}: {'ok' if median >= goal else 'MISSED'}"
     return line
 
 
