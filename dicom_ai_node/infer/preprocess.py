@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +34,7 @@ from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply
 from dicom_ai_node.infer.card import InputSpec, PreprocessSpec, Window
 
 FloatImage = npt.NDArray[np.float32]
+_Float = TypeVar("_Float", bound=np.floating[Any])
 
 #: ITU-R BT.601 luma weights, used to turn RGB into one channel.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -76,10 +78,13 @@ def to_model_input(
 def frame_attributes(ds: Dataset, frame: int) -> Dataset:
     """The attributes that apply to one frame, as a flat dataset.
 
-    A classic image holds them at the top level; an enhanced multi-frame image in the shared
-    and per-frame functional groups (PS3.3 C.7.6.16), which override the top level here so that
-    pydicom's LUT functions, written for the classic layout, apply to each frame.
+    A classic image holds them at the top level, so it is its own answer (to be read, not
+    changed); an enhanced multi-frame image in the shared and per-frame functional groups
+    (PS3.3 C.7.6.16), which override the top level here so that pydicom's LUT functions,
+    written for the classic layout, apply to each frame.
     """
+    if "SharedFunctionalGroupsSequence" not in ds and "PerFrameFunctionalGroupsSequence" not in ds:
+        return ds
     flat = Dataset()
     for keyword in (
         "PhotometricInterpretation",
@@ -116,9 +121,14 @@ def frame_attributes(ds: Dataset, frame: int) -> Dataset:
 def _grayscale_display(
     pixels: npt.NDArray[np.generic], attrs: Dataset, spec: PreprocessSpec, photometric: str
 ) -> FloatImage:
-    """Modality LUT, VOI and MONOCHROME1 inversion: stored values to [0, 1], higher = brighter."""
-    values = np.asarray(apply_modality_lut(pixels, attrs), dtype=np.float64)
+    """Modality LUT, VOI and MONOCHROME1 inversion: stored values to [0, 1], higher = brighter.
+
+    In float32, which holds every modality value of a 16-bit image exactly: in float64 these
+    few array operations cost about as much as the rest of the decoding together.
+    """
+    values = np.asarray(apply_modality_lut(pixels, attrs), dtype=np.float32)
     window = spec.window
+    display: npt.NDArray[np.floating[Any]]
     if isinstance(window, Window):
         display = apply_window(values, window.center, window.width)
     elif window == "file" and "VOILUTSequence" in attrs:
@@ -138,28 +148,27 @@ def _grayscale_display(
     clipped = np.clip(display, 0.0, 1.0)
     if photometric == "MONOCHROME1" and spec.invert_monochrome1:
         clipped = 1.0 - clipped
-    return clipped.astype(np.float32)
+    return clipped.astype(np.float32, copy=False)
 
 
 def apply_window(
-    values: npt.NDArray[np.floating], center: float, width: float, function: str = "LINEAR"
-) -> npt.NDArray[np.float64]:
+    values: npt.NDArray[_Float], center: float, width: float, function: str = "LINEAR"
+) -> npt.NDArray[_Float]:
     """A VOI window onto [0, 1] (PS3.3 C.11.2.1.2.1 LINEAR, C.11.2.1.3.1 SIGMOID,
-    C.11.2.1.3.2 LINEAR_EXACT), values outside the window clipped."""
+    C.11.2.1.3.2 LINEAR_EXACT), values outside the window clipped, in the values' float type."""
     function = function.upper()
     if function == "SIGMOID":
-        return np.asarray(1.0 / (1.0 + np.exp(-4.0 * (values - center) / width)), np.float64)
-    if function == "LINEAR_EXACT":
+        scaled = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    elif function == "LINEAR_EXACT":
         scaled = (values - center) / width + 0.5
+    elif width < 1:
+        raise ValueError(f"Window Width {width} < 1 is not valid for a LINEAR window")
+    elif width > 1:
+        scaled = (values - (center - 0.5)) / (width - 1) + 0.5
     else:
-        if width < 1:
-            raise ValueError(f"Window Width {width} < 1 is not valid for a LINEAR window")
-        scaled = (
-            (values - (center - 0.5)) / (width - 1) + 0.5
-            if width > 1
-            else (values > center - 0.5).astype(np.float64)
-        )
-    return np.clip(np.asarray(scaled, dtype=np.float64), 0.0, 1.0)
+        scaled = (values > center - 0.5).astype(values.dtype)
+    clipped: npt.NDArray[_Float] = np.clip(scaled, 0.0, 1.0, out=scaled)
+    return clipped
 
 
 def pixel_aspect(attrs: Dataset) -> float:
