@@ -5,6 +5,7 @@ Only the header is parsed (``stop_before_pixels``); pixel data is never decoded 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag, Tag
 
 from dicom_ai_node.spool import InvalidUIDError, check_uid
 
@@ -85,12 +87,28 @@ def _plain(value: Any) -> Any:
     return str(value).strip()
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    try:
-        value = ds.get(keyword, "")
-    except Exception:  # an undecodable value (bad VR, unknown character set)
-        return ""
+def _text(values: dict[str, Any], keyword: str) -> str:
+    value = values.get(keyword)
     return "" if value is None else str(value).strip()
+
+
+@functools.cache
+def _wanted_tags(extra_keywords: tuple[str, ...]) -> list[BaseTag]:
+    """The tags :func:`read_header` keeps, resolved once rather than for every instance."""
+    return [Tag(keyword) for keyword in (*_IDENTIFYING, *ROUTING_KEYWORDS, *extra_keywords)]
+
+
+def _values(ds: Dataset) -> dict[str, Any]:
+    """Each element's value by keyword, in one pass; a value that cannot be decoded (bad VR,
+    unknown character set) is left out, as if absent."""
+    values: dict[str, Any] = {}
+    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset converts every element)
+        try:
+            element = ds[tag]
+        except Exception:
+            continue
+        values[element.keyword] = element.value
+    return values
 
 
 def read_header(
@@ -106,12 +124,11 @@ def read_header(
         # Only the attributes used here are kept: cheaper than a full header, and the
         # handler runs for every instance received.
         ds = dcmread(
-            BytesIO(encoded),
-            stop_before_pixels=True,
-            specific_tags=[*_IDENTIFYING, *ROUTING_KEYWORDS, *extra_keywords],
+            BytesIO(encoded), stop_before_pixels=True, specific_tags=_wanted_tags(extra_keywords)
         )
+        values = _values(ds)
         uids = {
-            name: str(ds.get(name, "") or "").strip().rstrip("\0")
+            name: str(values.get(name) or "").strip().rstrip("\0")
             for name in (
                 "SOPClassUID",
                 "SOPInstanceUID",
@@ -134,13 +151,10 @@ def read_header(
             raise UnreadableInstanceError(str(exc)) from exc
     attributes: dict[str, Any] = {}
     for keyword in ROUTING_KEYWORDS + extra_keywords:
-        try:
-            value = ds.get(keyword)
-        except Exception:
-            continue
-        if value is not None and value != "":
-            attributes[keyword] = _plain(value)
-    number = _text(ds, "InstanceNumber")
+        found = values.get(keyword)
+        if found is not None and found != "":
+            attributes[keyword] = _plain(found)
+    number = _text(values, "InstanceNumber")
     try:
         instance_number = int(float(number)) if number else None
     except ValueError:
@@ -152,9 +166,9 @@ def read_header(
         series_instance_uid=uids["SeriesInstanceUID"],
         transfer_syntax_uid=transfer_syntax_uid or str(ds.file_meta.get("TransferSyntaxUID", "")),
         instance_number=instance_number,
-        patient_id=_text(ds, "PatientID")[:64],
-        accession_number=_text(ds, "AccessionNumber")[:64],
-        study_date=_text(ds, "StudyDate")[:8],
-        study_description=_text(ds, "StudyDescription")[:64],
+        patient_id=_text(values, "PatientID")[:64],
+        accession_number=_text(values, "AccessionNumber")[:64],
+        study_date=_text(values, "StudyDate")[:8],
+        study_description=_text(values, "StudyDescription")[:64],
         attributes=attributes,
     )
