@@ -13,7 +13,17 @@ pynetdicom's own work (reading the PDUs, decoding the command set) and the sende
 ``--cprofile`` also prints the handler's hottest functions (1 sender only: cProfile follows
 the thread that enabled it).
 
-Usage: ``.venv/bin/python benchmarks/ack_path.py [--count 300] [--senders 1] [--cprofile]``
+``--floor ROUNDS`` then asks how close to the bare pynetdicom SCP (``bare_scp.py``, write and
+fsync only) the node could come if the job log cost nothing: each round sends a fresh series
+from one storescu to the node, to the node with its job-log transaction skipped (a what-if
+made here by replacing ``GroupCommit.record``, never a setting: the file is written, its row
+is not) and to the bare SCP, one after another, and prints each one's rate and ratio to the
+bare SCP's. What the what-if keeps is what the node must do before answering: parse the
+header (the UIDs that file the instance and the statuses of PS3.4 B.2.3) and write the file
+atomically (temporary file, fsync, rename, fsync of the folder).
+
+Usage: ``.venv/bin/python benchmarks/ack_path.py [--count 300] [--senders 1] [--cprofile]
+[--floor 3]``
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import functools
 import logging
 import os
 import pstats
+import statistics
 import sys
 import tempfile
 import threading
@@ -44,15 +55,15 @@ if str(ROOT) not in sys.path:
 import dicom_ai_node.receive.ingest as ingest_module  # noqa: E402
 import dicom_ai_node.receive.record as record_module  # noqa: E402
 import dicom_ai_node.spool as spool_module  # noqa: E402
-from benchmarks.ingest import make_series, send  # noqa: E402
+from benchmarks.ingest import make_series, send, serving  # noqa: E402
 from dicom_ai_node.audit.messages import ReceivedTally  # noqa: E402
 from dicom_ai_node.metrics import NodeMetrics  # noqa: E402
 from dicom_ai_node.node import Node  # noqa: E402
 from dicom_ai_node.receive.ingest import Ingest  # noqa: E402
-from dicom_ai_node.receive.record import GroupCommit  # noqa: E402
+from dicom_ai_node.receive.record import GroupCommit, Recorded  # noqa: E402
 from dicom_ai_node.receive.scp import StorageSCP  # noqa: E402
 from dicom_ai_node.spool import Spool  # noqa: E402
-from tests.support.helpers import make_settings  # noqa: E402
+from tests.support.helpers import free_port, make_settings  # noqa: E402
 
 # (phase, what it is), in the order of the handler; nested phases are indented
 PHASES = (
@@ -80,6 +91,8 @@ class Phases:
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
         self.profile: cProfile.Profile | None = None
+        #: The ``--floor`` what-if: ``GroupCommit.record`` returns without a transaction.
+        self.skip_row = False
 
     def add(self, phase: str, seconds: float) -> None:
         with self._lock:
@@ -144,10 +157,58 @@ def instrument(phases: Phases) -> None:
     phases.wrap(Spool, "write", "    spool.write")
     phases.wrap(os, "fsync", "      fsync")
     phases.wrap(spool_module, "_fsync_dir", "      fsync folder")
+    record = GroupCommit.record
+
+    def record_or_skip(self: GroupCommit, *args: Any) -> Recorded:
+        if phases.skip_row:
+            return Recorded(duplicate=False, old_path=None, generation=0)
+        return record(self, *args)
+
+    GroupCommit.record = record_or_skip  # type: ignore[method-assign,assignment]
     phases.wrap(GroupCommit, "record", "    group commit")
     phases.wrap(record_module, "record_instance", "        record_instance")
     phases.wrap(ReceivedTally, "add", "  audit tally")
     phases.wrap(NodeMetrics, "instance_received", "  metrics")
+
+
+#: The cases of ``--floor``, in the order of a round.
+FLOOR_CASES = ("node", "node without its job-log row (what-if)", "bare pynetdicom SCP")
+
+
+def measure_floor(
+    node: Node, aet: str, work: Path, count: int, rounds: int, phases: Phases
+) -> list[dict[str, float]]:
+    """Images/s of each of :data:`FLOOR_CASES` per round, one sender each (see ``--floor``)."""
+    bare_out = work / "bare"
+    bare_out.mkdir()
+    port = free_port()
+    command = [sys.executable, str(ROOT / "benchmarks" / "bare_scp.py"), str(port), str(bare_out)]
+    results = []
+    with serving("bare pynetdicom SCP", command, port, "BARESCP") as bare:
+        for n in range(rounds):
+            rates = {}
+            for case in FLOOR_CASES:
+                files = make_series(work / f"floor-{n}-{FLOOR_CASES.index(case)}", count, n + 1)
+                phases.skip_row = case != FLOOR_CASES[0]
+                server = (bare.port, bare.aet) if case == FLOOR_CASES[2] else (node.scp.port, aet)
+                rates[case] = count / send(*server, files, 1)
+            phases.skip_row = False
+            results.append(rates)
+    return results
+
+
+def print_floor(rounds: list[dict[str, float]], count: int) -> None:
+    """The ``--floor`` table: each case's images/s per round and its ratio to the bare SCP."""
+    print(f"\n--floor: {count} images from 1 storescu per case, {len(rounds)} rounds")
+    print(f"{'case':42} {'img/s per round':>24}  ratio to bare per round (median)")
+    bare = [r[FLOOR_CASES[2]] for r in rounds]
+    for case in FLOOR_CASES:
+        rates = [r[case] for r in rounds]
+        ratios = [rate / floor for rate, floor in zip(rates, bare, strict=True)]
+        print(
+            f"{case:42} {' '.join(f'{rate:7.1f}' for rate in rates):>24}  "
+            f"{' '.join(f'{ratio:.2f}' for ratio in ratios)} ({statistics.median(ratios):.2f})"
+        )
 
 
 def main() -> None:
@@ -155,6 +216,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=300, help="images sent")
     parser.add_argument("--senders", type=int, default=1, help="storescu processes at once")
     parser.add_argument("--cprofile", action="store_true", help="profile the handler (1 sender)")
+    parser.add_argument("--floor", type=int, default=0, metavar="ROUNDS", help="see above")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     phases = Phases()
@@ -183,9 +245,16 @@ def main() -> None:
             if args.cprofile:
                 phases.profile = cProfile.Profile()
             wall = send(node.scp.port, settings.dicom.ae_title, files[5:], args.senders)
+            profile, phases.profile = phases.profile, None
+            seconds, calls = dict(phases.seconds), dict(phases.calls)
+            floor = (
+                measure_floor(node, settings.dicom.ae_title, work, args.count, args.floor, phases)
+                if args.floor
+                else []
+            )
         finally:
             node.stop()
-    stores = phases.calls["handler"]
+    stores = calls["handler"]
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
     print(
         f"{stores} C-STORE of 512x512x16 CT images ({size_mb:.2f} MB) "
@@ -194,14 +263,16 @@ def main() -> None:
     )
     print(f"{'phase':22} {'ms/store':>9} {'calls/store':>11} {'% of wall':>9}  what")
     for phase, what in PHASES:
-        seconds = phases.seconds[phase]
+        spent = seconds.get(phase, 0.0)
         print(
-            f"{phase:22} {seconds / stores * 1e3:9.3f} {phases.calls[phase] / stores:11.2f} "
-            f"{seconds / wall:9.1%}  {what}"
+            f"{phase:22} {spent / stores * 1e3:9.3f} {calls.get(phase, 0) / stores:11.2f} "
+            f"{spent / wall:9.1%}  {what}"
         )
-    if phases.profile is not None:
-        stats = pstats.Stats(phases.profile)
+    if profile is not None:
+        stats = pstats.Stats(profile)
         stats.sort_stats("tottime").print_stats(15)
+    if floor:
+        print_floor(floor, args.count)
 
 
 if __name__ == "__main__":
