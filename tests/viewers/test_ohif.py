@@ -165,11 +165,14 @@ def test_ohif_lists_renders_and_labels_every_result(
             name = f"{study.task}-{study.label}"
             browser.get(f"{app}/viewer?StudyInstanceUIDs={study.uid}")
             WebDriverWait(browser, 120).until(lambda d: d.execute_script(_READY))
+            WebDriverWait(browser, 120).until(lambda d: d.execute_script(_DRAWN))
+            browser.execute_async_script(_SETTLE)
             # the Secondary Capture in the viewport, without cine controls over it
             series = browser.execute_script(_SHOW, "SC")
             WebDriverWait(browser, 120).until(partial(_script, _SHOWING, series))
             assert browser.execute_script(_CINE) is False, name
             browser.save_screenshot(str(shots / f"{name}-sc.png"))
+            browser.execute_async_script(_SETTLE)
             # the SR: its region drawn on the key image, labelled with finding and probability
             series = browser.execute_script(_SHOW, "SR")
             WebDriverWait(browser, 120).until(lambda d: d.execute_script(_SR_DRAWN))
@@ -216,6 +219,18 @@ window.commandsManager.runCommand('setDisplaySetsForViewports', {
   viewportsToUpdate: [{viewportId, displaySetInstanceUIDs: [ds.displaySetInstanceUID]}]});
 return ds.SeriesInstanceUID;
 """
+# The active viewport has drawn its image. A viewport replaced before then can log "The
+# stack viewport has been destroyed": a resize meanwhile re-applies its position through a
+# 40 ms debounced scroll (for an image not yet loaded), whose timer outlives the viewport.
+_DRAWN = """
+const s = window.services;
+const vp = s.cornerstoneViewportService.getCornerstoneViewport(
+  s.viewportGridService.getActiveViewportId());
+return Boolean(vp && vp.getImageData && vp.getImageData());
+"""
+# Once drawn, no new debounced scroll starts; a timer set now runs after any earlier one of
+# 40 ms (timers of shorter or equal delay run in the order they were set).
+_SETTLE = "setTimeout(arguments[arguments.length - 1], 100);"
 # The active viewport shows an image of that series, rendered.
 _SHOWING = """
 const s = window.services;
