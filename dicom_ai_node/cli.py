@@ -25,7 +25,10 @@ from dicom_ai_node.jobs.crashes import record_crashes
 from dicom_ai_node.jobs.db import SchemaTooNewError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from dicom_ai_node.node import Node
+    from dicom_ai_node.supervisor import ChildSpec
 
 app = typer.Typer(
     help="A DICOM node that runs a CNN classifier on received studies.",
@@ -154,7 +157,7 @@ def serve(config: ConfigOption = None, role: RoleOption = None) -> None:
     _setup_logging(settings, "supervisor")
     log = logging.getLogger("dicom_ai_node")
     stop = _stop_on_signals(log, signal.SIGINT, signal.SIGTERM)
-    supervisor = Supervisor(settings, cast(tuple[Role, ...], roles), config_path(config))
+    supervisor = Supervisor(settings, cast(tuple[Role, ...], roles), config_path(config), run_child)
     try:
         code = supervisor.run(stop)
     except (OSError, SchemaTooNewError) as exc:
@@ -164,47 +167,49 @@ def serve(config: ConfigOption = None, role: RoleOption = None) -> None:
     raise typer.Exit(code)
 
 
-@app.command("child", hidden=True)
-def child(
-    role: Annotated[str, typer.Argument(help="The role this process runs.")],
-    slot: Annotated[int, typer.Option(help="Which of the role's processes this is.")] = 0,
-    config: ConfigOption = None,
-) -> None:
-    """One process of ``serve``'s supervisor (not for direct use)."""
+def run_child(spec: ChildSpec) -> None:
+    """One process of ``serve``, forked by its supervisor's fork server: runs ``spec.role``
+    until SIGTERM; exits 2 (``CONFIG_ERROR``) if it cannot run with the configuration."""
+    try:
+        _child(spec)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+def _child(spec: ChildSpec) -> None:
     from dicom_ai_node.node import Node
     from dicom_ai_node.processes import ProcessStatus
-    from dicom_ai_node.supervisor import CONFIG_ERROR, die_with_supervisor, inherited_listener
+    from dicom_ai_node.supervisor import CONFIG_ERROR, become_child, report_ready
 
-    die_with_supervisor()
+    become_child(spec)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor says when to stop
-    settings = _settings(config)
-    _setup_logging(settings, f"{role}-{slot}")
+    settings = _settings(spec.config)
+    _setup_logging(settings, f"{spec.role}-{spec.slot}")
     log = logging.getLogger("dicom_ai_node")
     stop = _stop_on_signals(log, signal.SIGTERM)
     status = ProcessStatus(settings.storage.data_dir, settings.node_name)
-    if role == "work":  # before any model loads: TensorFlow fixes its pools at its first op
+    if spec.role == "work":  # before any model loads: TensorFlow fixes its pools at its first op
         from dicom_ai_node.infer.runtime import configure_threads
 
         configure_threads(settings.worker.inference_threads)
     try:
-        node = Node(
-            settings,
-            roles=(cast(Role, role),),
-            listener=inherited_listener() if role == "receive" else None,
-            status=status,
-        )
+        node = Node(settings, roles=(spec.role,), listener=spec.listener, status=status)
     except ConfigError as exc:
         err.print(f"[red]configuration error:[/red] {exc}")
         raise typer.Exit(CONFIG_ERROR) from None
     with record_crashes(settings.storage.data_dir, node.owner):
-        _run(node, settings, stop, log)
+        _run(node, settings, stop, log, lambda: report_ready(spec))
 
 
-def _run(node: Node, settings: Settings, stop: threading.Event, log: logging.Logger) -> None:
+def _run(
+    node: Node,
+    settings: Settings,
+    stop: threading.Event,
+    log: logging.Logger,
+    report_ready: Callable[[], None],
+) -> None:
     """Start the node's roles, tell the supervisor they are ready, wait for a stop signal,
     stop them."""
-    from dicom_ai_node.supervisor import report_ready
-
     try:
         node.start()
     except ConfigError as exc:

@@ -1,9 +1,12 @@
 """``serve``: a small supervisor that runs the node's roles in processes of their own.
 
 Each role (``receive``, ``work``, ``dispatch``, ``notify``, ``web``) runs in child processes
-(``[processes]`` sets how many) started as ``python -m dicom_ai_node child ROLE``: a fresh
-interpreter each, so a worker's TensorFlow and the receivers do not share one interpreter
-lock. The supervisor does what the node does once (:class:`~dicom_ai_node.node.NodeDuties`:
+(``[processes]`` sets how many), so a worker's TensorFlow and the receivers do not share one
+interpreter lock. The children are forked by a multiprocessing fork server that has imported
+the node's modules once (TensorFlow aside, which only a worker imports, after the fork): a
+child, first or restarted, starts in milliseconds instead of the second its imports take,
+and the fork server holds no thread, socket or database connection for it to inherit. The
+supervisor does what the node does once (:class:`~dicom_ai_node.node.NodeDuties`:
 migrate, recover, heartbeat) and opens the DICOM socket, which every receiver process
 inherits and accepts on. It holds no job: everything is in the job log.
 
@@ -16,22 +19,28 @@ On SIGTERM or SIGINT the roles are drained in the order of the data flow: receiv
 accepting and finish their associations, then workers finish their jobs (or leave them to
 be judged as interrupted), then dispatchers finish the file in flight, then notify and web;
 each role gets ``[processes] drain_seconds`` before it is killed. Children ignore SIGINT (a
-Ctrl-C reaches the whole process group) and die with the supervisor if it is killed
-(``PR_SET_PDEATHSIG`` on Linux): a node is gone as a whole, as when its host fails.
+Ctrl-C reaches the whole process group) and die with the supervisor if it is killed (see
+:func:`become_child`): a node is gone as a whole, as when its host fails.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from multiprocessing import forkserver
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
@@ -46,13 +55,28 @@ from dicom_ai_node.spool import Spool
 
 log = logging.getLogger(__name__)
 
-LISTEN_FD_ENV = "DICOM_AI_NODE_LISTEN_FD"
-READY_FD_ENV = "DICOM_AI_NODE_READY_FD"
-SUPERVISOR_ENV = "DICOM_AI_NODE_SUPERVISOR_PID"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# what the fork server imports once for every child: the CLI (the children's entry point) and
+# all the stages the node wires (not TensorFlow or ONNX Runtime: a worker loads them itself)
+PRELOAD = ["dicom_ai_node.cli", "dicom_ai_node.node"]
+_FORKSERVER = multiprocessing.get_context("forkserver")
 CONFIG_ERROR = 2  # the exit status of a child that cannot run with its configuration
 POLL_SECONDS = 0.2
 LISTEN_BACKLOG = 128
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """What a child process is given: its role and slot, the configuration file, the
+    DICOM socket (receivers), the end of a pipe to say it is ready and the end of a pipe that
+    reads end-of-file once the supervisor has exited."""
+
+    role: Role
+    slot: int
+    config: Path | None
+    listener: socket.socket | None
+    ready: Connection
+    lifeline: Connection
 
 
 @dataclass
@@ -61,8 +85,8 @@ class _Child:
 
     role: Role
     slot: int
-    proc: subprocess.Popen[bytes] | None = None
-    ready_pipe: int | None = None  # read end; the child writes to it once it is ready
+    proc: BaseProcess | None = None
+    ready_pipe: Connection | None = None  # read end; the child writes to it once it is ready
     started: float = 0.0
     restart_at: float = 0.0
     deaths_in_row: int = 0
@@ -94,12 +118,21 @@ def listen(bind: str, port: int) -> socket.socket:
 
 
 class Supervisor:
-    """Runs ``roles`` of the node in child processes until :meth:`run`'s event is set."""
+    """Runs ``roles`` of the node in child processes until :meth:`run`'s event is set; each
+    child runs ``child(spec)`` and exits with :data:`CONFIG_ERROR` if it cannot run with the
+    configuration."""
 
-    def __init__(self, settings: Settings, roles: tuple[Role, ...], config: Path | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        roles: tuple[Role, ...],
+        config: Path | None,
+        child: Callable[[ChildSpec], None],
+    ) -> None:
         self.settings = settings
         self.roles = tuple(role for role in ROLES if role in roles)
         self.config = config
+        self.child_main = child
         self.status = ProcessStatus(settings.storage.data_dir, settings.node_name)
         self.engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
         self.duties = NodeDuties(
@@ -115,31 +148,30 @@ class Supervisor:
             _Child(role, slot) for role in self.roles for slot in range(processes.count(role))
         ]
         self.listener: socket.socket | None = None
+        # the children's end; the supervisor holds the other, never written, until it exits
+        self.lifeline, self._lifeline_held = _FORKSERVER.Pipe(duplex=False)
         self.exit_code = 0
 
     # --- the children ----------------------------------------------------------------------
 
     def _spawn(self, child: _Child) -> None:
-        command = [sys.executable, "-m", "dicom_ai_node", "child", child.role]
-        command += ["--slot", str(child.slot)]
-        if self.config is not None:
-            command += ["--config", str(self.config)]
-        ready, ready_w = os.pipe()
-        os.set_blocking(ready, False)
-        env = {
-            **os.environ,
-            MULTIPROC_ENV: str(self.status.metrics_dir),
-            SUPERVISOR_ENV: str(os.getpid()),
-            READY_FD_ENV: str(ready_w),
-        }
-        fds = [ready_w]
-        if child.role == "receive" and self.listener is not None:
-            env[LISTEN_FD_ENV] = str(self.listener.fileno())
-            fds.append(self.listener.fileno())
+        ready, ready_w = _FORKSERVER.Pipe(duplex=False)
+        spec = ChildSpec(
+            child.role,
+            child.slot,
+            self.config,
+            self.listener if child.role == "receive" else None,
+            ready_w,
+            self.lifeline,
+        )
+        child.proc = _FORKSERVER.Process(
+            target=self.child_main, args=(spec,), name=f"{child.role}-{child.slot}"
+        )
         try:
-            child.proc = subprocess.Popen(command, env=env, pass_fds=fds)
+            child.proc.start()
         finally:
-            os.close(ready_w)
+            ready_w.close()
+        assert child.proc.pid is not None
         child.ready_pipe = ready
         child.started = time.monotonic()
         child.state = replace(child.state, pid=child.proc.pid, running=True, ready=False)
@@ -148,8 +180,9 @@ class Supervisor:
     def _ended(self, child: _Child, code: int) -> int:
         """Clean up after a child that ended (its associations, jobs and deliveries, its
         live metrics); its pid."""
-        assert child.proc is not None
+        assert child.proc is not None and child.proc.pid is not None
         pid = child.proc.pid
+        child.proc.close()
         child.proc = None
         self._close_ready_pipe(child)
         child.state = replace(
@@ -189,20 +222,19 @@ class Supervisor:
     @staticmethod
     def _close_ready_pipe(child: _Child) -> None:
         if child.ready_pipe is not None:
-            os.close(child.ready_pipe)
+            child.ready_pipe.close()
             child.ready_pipe = None
 
     def _readied(self, child: _Child) -> bool:
         """Whether the child said it is ready since the last look."""
-        if child.ready_pipe is None:
+        if child.ready_pipe is None or not child.ready_pipe.poll():
             return False
         try:
-            said = os.read(child.ready_pipe, 16)
-        except BlockingIOError:
+            child.ready_pipe.recv_bytes()
+        except EOFError:  # it closed the pipe dying
+            self._close_ready_pipe(child)
             return False
-        self._close_ready_pipe(child)  # it said so, or closed the pipe dying
-        if not said:
-            return False
+        self._close_ready_pipe(child)
         child.state = replace(child.state, ready=True)
         log.info("%s-%d ready", child.role, child.slot)
         if all(c.state.ready for c in self.children):
@@ -215,7 +247,7 @@ class Supervisor:
         changed = False
         for child in self.children:
             if child.proc is not None:
-                code = child.proc.poll()
+                code = child.proc.exitcode
                 if code is not None:
                     self._reap(child, code)
                     changed = True
@@ -234,16 +266,17 @@ class Supervisor:
             group = [c for c in self.children if c.role == role and c.proc is not None]
             for child in group:
                 assert child.proc is not None
-                child.proc.send_signal(signal.SIGTERM)
+                child.proc.terminate()
             deadline = time.monotonic() + self.settings.processes.drain_seconds
             for child in group:
                 assert child.proc is not None
-                try:
-                    code = child.proc.wait(max(deadline - time.monotonic(), 0.1))
-                except subprocess.TimeoutExpired:
+                child.proc.join(max(deadline - time.monotonic(), 0.1))
+                if child.proc.exitcode is None:
                     log.warning("%s-%d did not stop in time: killing it", role, child.slot)
                     child.proc.kill()
-                    code = child.proc.wait()
+                    child.proc.join()
+                code = child.proc.exitcode
+                assert code is not None
                 self._ended(child, code)
                 if code not in (0, -signal.SIGTERM):
                     log.warning("%s-%d stopped with %s", role, child.slot, describe_exit(code))
@@ -260,6 +293,11 @@ class Supervisor:
         shutil.rmtree(self.status.metrics_dir, ignore_errors=True)
         self.status.metrics_dir.mkdir(parents=True)
         self.status.write([c.state for c in self.children])  # none running yet
+        # the fork server imports while the job log is migrated; it and so every child
+        # inherit the supervisor's environment as it is now
+        os.environ[MULTIPROC_ENV] = str(self.status.metrics_dir)
+        _FORKSERVER.set_forkserver_preload(PRELOAD)
+        forkserver.ensure_running()
         self.duties.start()
         try:
             if "receive" in self.roles:
@@ -286,7 +324,7 @@ class Supervisor:
             for child in self.children:  # an error above: no orphans
                 if child.proc is not None:
                     child.proc.kill()
-                    child.proc.wait()
+                    child.proc.join()
             if self.listener is not None:
                 self.listener.close()
             self.duties.stop()
@@ -294,29 +332,27 @@ class Supervisor:
         return self.exit_code
 
 
-def die_with_supervisor() -> None:
-    """In a child: be killed when the supervisor dies (Linux ``PR_SET_PDEATHSIG``), and exit
-    now if it is gone already."""
-    supervisor = int(os.environ.get(SUPERVISOR_ENV, "0"))
+def become_child(spec: ChildSpec) -> None:
+    """In a child: name the process after its role and slot (``ps -o comm`` and ``top`` show
+    ``work-0``, Linux) and be killed when the supervisor dies, at once if it is gone already.
+    A thread waits on the supervisor's end of ``spec.lifeline``, which only closes when it
+    exits, however it does: ``PR_SET_PDEATHSIG`` would follow the fork server instead, which
+    outlives the supervisor while any child lives."""
     if sys.platform == "linux":
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if supervisor and os.getppid() != supervisor:
-        os._exit(1)
+        pr_set_name = 15
+        ctypes.CDLL(None).prctl(pr_set_name, f"{spec.role}-{spec.slot}".encode(), 0, 0, 0)
+    threading.Thread(
+        target=_die_with_supervisor, args=(spec.lifeline,), name="lifeline", daemon=True
+    ).start()
 
 
-def inherited_listener() -> socket.socket | None:
-    """In a receiver child: the DICOM socket the supervisor opened."""
-    fd = os.environ.get(LISTEN_FD_ENV)
-    return socket.socket(fileno=int(fd)) if fd else None
+def _die_with_supervisor(lifeline: Connection) -> None:
+    with contextlib.suppress(EOFError):
+        lifeline.recv_bytes()
+    os.kill(os.getpid(), signal.SIGKILL)  # gone with it, as when the host fails
 
 
-def report_ready() -> None:
+def report_ready(spec: ChildSpec) -> None:
     """In a child: tell the supervisor that its roles have started."""
-    fd = os.environ.get(READY_FD_ENV)
-    if fd:
-        os.write(int(fd), b"ready")
-        os.close(int(fd))
+    spec.ready.send_bytes(b"ready")
+    spec.ready.close()

@@ -6,7 +6,9 @@ native library would), and while ``stall`` exists it waits, so that a test can k
 process in the middle of the job at a moment it chooses. Warm-up batches (all zeros) pass.
 
 A ``serve`` process loads the layer class through :func:`sitecustomize`, a ``sitecustomize``
-module put on its ``PYTHONPATH`` (Keras finds registered classes only once imported).
+module put on its ``PYTHONPATH`` (Keras finds registered classes only once imported). It
+registers the layer when Keras is imported, in a worker after the fork server forked it: the
+fork server itself must not import TensorFlow.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dicom_ai_node.infer.runtime import read_cards
+from dicom_ai_node.infer.runtime import configure_tensorflow, read_cards
 from tests.support.helpers import ROOT
 
 ENV = "DICOM_AI_NODE_TEST_TRIPWIRE"
@@ -50,6 +52,7 @@ class Tripwire(keras.layers.Layer):  # type: ignore[misc]
 
 def write_package(root: Path, name: str = "tripwire") -> Path:
     """A chest radiograph package (the demo card, renamed) whose network has a tripwire."""
+    configure_tensorflow()  # before the first op, or the node's thread settings fail
     card = read_cards()["cxr-opacity-demo"][1].model_copy(update={"name": name})
     size = (card.input.height, card.input.width, card.input.channels)
     inputs = keras.Input(size, name="image")
@@ -66,8 +69,36 @@ def write_package(root: Path, name: str = "tripwire") -> Path:
     return package
 
 
+_SITECUSTOMIZE = """\
+import importlib.machinery
+import sys
+
+
+class _AfterKeras:
+    \"\"\"Imports tests.support.poison (which registers the layer) once keras has run.\"\"\"
+
+    def find_spec(self, name, path, target=None):
+        if name != "keras":  # a find_spec alone (TensorFlow's probe) imports nothing
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run_keras = spec.loader.exec_module
+
+        def exec_module(module):
+            sys.meta_path.remove(self)
+            run_keras(module)
+            import tests.support.poison  # noqa: F401
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _AfterKeras())
+"""
+
+
 def sitecustomize(folder: Path) -> str:
-    """Write a ``sitecustomize`` that registers the layer; returns the ``PYTHONPATH`` to use."""
+    """Write a ``sitecustomize`` that registers the layer once Keras is imported; returns the
+    ``PYTHONPATH`` to use."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text("import tests.support.poison  # noqa: F401\n")
+    (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE)
     return os.pathsep.join([str(folder), str(ROOT)])

@@ -118,13 +118,15 @@ class Served:
         return _gone(proc, timeout=120)
 
     def children(self, role: str | None = None) -> list[int]:
-        """The pids of the supervisor's live children (of ``role``)."""
+        """The pids of the supervisor's live children (of ``role``), as it last described
+        them; each is checked to be a live process of the node's group."""
         assert self.proc is not None
-        found = []
-        for pid, command in group_members(self.proc.pid).items():
-            if command[2:3] == ["child"] and role in (None, command[3]):
-                found.append(pid)
-        return sorted(found)
+        members = group_members(self.proc.pid)
+        return sorted(
+            child.pid
+            for child in self.processes()
+            if child.running and child.pid in members and role in (None, child.role)
+        )
 
     def kill(self) -> int | None:
         """SIGKILL the whole process group (``serve`` and its children) at once, as a host
