@@ -1,4 +1,7 @@
-"""The node as a process, as operators run it: `serve`, Ctrl-C, kill -9 and restart."""
+"""The node as a process, as operators run it: `serve`, Ctrl-C, its logs.
+
+A kill -9 of the whole node during a job and its restart: tests/system/test_crash_policy.py
+and the chaos run of tests/system/test_faults.py."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_ai_node.jobs.models import Event, Instance, Job
+from dicom_ai_node.jobs.models import Instance, Job
 from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support.helpers import run_tool, wait_for
 from tests.support.served import Served
@@ -35,40 +38,6 @@ def test_serve_with_shipped_config_answers_echo_and_stops_cleanly(served: Served
     log = served.log.read_text()
     assert "ready" in log and "stopped" in log
     assert "Traceback" not in log
-
-
-def test_kill_during_a_job_and_restart_finishes_it(served: Served, tmp_path: Path) -> None:
-    study = generate_studies(
-        Task.HEAD_CT_HEMORRHAGE, Label.POSITIVE, 1, tmp_path / "in", seed=7, slices=160
-    )[0]
-    served.start()
-    run_tool("storescu", "+sd", "+r", "-aec", "AINODE", "127.0.0.1", str(served.port), str(study))
-    engine = served.engine()
-
-    def running() -> Job | None:
-        with Session(engine) as session:
-            return session.scalars(select(Job).where(Job.state == "running")).first()
-
-    job = wait_for(running, timeout=60, interval=0.01)
-    assert served.signal(signal.SIGKILL) == -signal.SIGKILL
-    with Session(engine) as session:
-        assert session.get(Job, job.id).state == "running"  # type: ignore[union-attr]
-    served.start()
-
-    def finished() -> Job | None:
-        with Session(engine) as session:
-            found = session.get(Job, job.id)
-            return found if found is not None and found.state == "done" else None
-
-    done = wait_for(finished, timeout=120)
-    assert done.label == "hemorrhage"
-    assert (done.attempts, done.interruptions) == (2, 1)  # the kill was not counted
-    with Session(engine) as session:
-        kinds = [e.kind for e in session.scalars(select(Event).where(Event.job_id == job.id))]
-        stored = len(session.scalars(select(Instance)).all())
-    assert "job_queued" in kinds[1:]  # returned to the queue after the restart
-    assert stored == 160
-    engine.dispose()
 
 
 def test_ctrl_c_lets_the_association_in_flight_finish(served: Served, tmp_path: Path) -> None:
