@@ -136,11 +136,14 @@ def _descendants(root: int) -> list[int]:
 
 
 def _command(pid: int) -> str:
-    """A short name for a process: the program, or a Python program's arguments."""
+    """A short name for a process: the program, a Python program's arguments, or the name
+    a child of ``serve`` gave itself (``work-0``)."""
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
     if not argv:
         return "?"
     if "python" in Path(argv[0]).name:
+        if "-c" in argv:  # a multiprocessing helper; serve's children name themselves
+            return Path(f"/proc/{pid}/comm").read_text().strip()
         argv = argv[1:]
         if argv and argv[0].endswith(".py"):
             argv[0] = Path(argv[0]).name
