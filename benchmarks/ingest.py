@@ -142,8 +142,12 @@ def _command(pid: int) -> str:
     if not argv:
         return "?"
     if "python" in Path(argv[0]).name:
-        if "-c" in argv:  # a multiprocessing helper; serve's children name themselves
-            return Path(f"/proc/{pid}/comm").read_text().strip()
+        if "-c" in argv:  # multiprocessing's: serve's fork server, its children, a tracker
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            code = argv[argv.index("-c") + 1]
+            if "python" not in comm:  # a child, named after its role
+                return comm
+            return "fork server" if "forkserver" in code else code.split()[1]
         argv = argv[1:]
         if argv and argv[0].endswith(".py"):
             argv[0] = Path(argv[0]).name
