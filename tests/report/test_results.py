@@ -116,7 +116,7 @@ def test_same_seed_same_uids_and_bytes(ct_series, predict, card, context):
 @pytest.mark.peers
 def test_pixelmed_validates_sr_and_kos(tmp_path, ct_series, cr_mono1, predict, card, context):
     """DicomSRValidator on the multi-image SR, the radiograph SR and the KOS, in parallel
-    (one JVM each takes ~10 s). Errors fail; its warnings are listed in docs/results.md."""
+    (a JVM each). Errors fail; its warnings are listed in docs/results.md."""
     series = _results(ct_series, predict(ct_series, SERIES_P), card, context, ("sr", "kos"))
     radiograph = _results([cr_mono1], predict([cr_mono1], [0.8]), card, context, ("sr",))
     earlier = radiograph[0]
