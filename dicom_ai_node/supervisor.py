@@ -119,7 +119,7 @@ def listen(bind: str, port: int) -> socket.socket:
 
 class Supervisor:
     """Runs ``roles`` of the node in child processes until :meth:`run`'s event is set; each
-    child runs ``child(spec)`` and exits with :data:`CONFIG_ERROR` if it cannot run with the
+    child runs ``child_main(spec)`` and exits with :data:`CONFIG_ERROR` if it cannot run with the
     configuration."""
 
     def __init__(
@@ -127,12 +127,12 @@ class Supervisor:
         settings: Settings,
         roles: tuple[Role, ...],
         config: Path | None,
-        child: Callable[[ChildSpec], None],
+        child_main: Callable[[ChildSpec], None],
     ) -> None:
         self.settings = settings
         self.roles = tuple(role for role in ROLES if role in roles)
         self.config = config
-        self.child_main = child
+        self.child_main = child_main
         self.status = ProcessStatus(settings.storage.data_dir, settings.node_name)
         self.engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
         self.duties = NodeDuties(
@@ -232,9 +232,9 @@ class Supervisor:
         try:
             child.ready_pipe.recv_bytes()
         except EOFError:  # it closed the pipe dying
-            self._close_ready_pipe(child)
             return False
-        self._close_ready_pipe(child)
+        finally:
+            self._close_ready_pipe(child)
         child.state = replace(child.state, ready=True)
         log.info("%s-%d ready", child.role, child.slot)
         if all(c.state.ready for c in self.children):
