@@ -4,7 +4,8 @@ Run by ``benchmarks/ingest.py`` as a process of its own, so that it pays for pyn
 association handling (PS3.8) and the DIMSE C-STORE exchange (PS3.7 9.1.1) exactly as the node
 does, and for nothing else: no header parse, no job log, no atomic rename. It takes the
 node's network settings (unlimited PDU size, as ``[dicom] maximum_pdu_size = 0``, and the
-node's DUL poll interval), so that the gap to the node is the cost of the node's own code.
+node's association reactor, which waits on its socket instead of polling it), so that the
+gap to the node is the cost of the node's own code.
 
 Usage: ``python benchmarks/bare_scp.py PORT FOLDER``
 """
@@ -15,7 +16,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -24,7 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dicom_ai_node.receive.scp import DUL_POLL_SECONDS  # noqa: E402
+from dicom_ai_node.receive.reactor import ReactiveRequestHandler  # noqa: E402
+
+
+class BareAE(AE):
+    """pynetdicom's AE with the node's association reactor (see ``receive/reactor.py``)."""
+
+    def make_server(self, *args: Any, **kwargs: Any) -> Any:
+        return super().make_server(*args, request_handler=ReactiveRequestHandler, **kwargs)
 
 
 def main() -> None:
@@ -33,9 +41,6 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     args = parser.parse_args()
     folder: Path = args.folder
-
-    def on_requested(event: evt.Event) -> None:
-        event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
 
     def on_store(event: evt.Event) -> int:
         request = cast(C_STORE, event.request)
@@ -49,7 +54,7 @@ def main() -> None:
             os.close(fd)
         return 0x0000
 
-    ae = AE(ae_title="BARESCP")
+    ae = BareAE(ae_title="BARESCP")
     ae.maximum_pdu_size = 0
     ae.maximum_associations = 64
     for context in AllStoragePresentationContexts:
@@ -57,7 +62,7 @@ def main() -> None:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.start_server(
         ("127.0.0.1", args.port),
-        evt_handlers=[(evt.EVT_REQUESTED, on_requested), (evt.EVT_C_STORE, on_store)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
     )
 
 

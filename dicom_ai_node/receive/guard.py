@@ -37,6 +37,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_ai_node.config import ConnectionLimits
 from dicom_ai_node.receive.access import AddressPolicy
+from dicom_ai_node.receive.reactor import ReactiveRequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,8 @@ class GuardedServer(ThreadedAssociationServer):
 
 class GuardedAE(AE):
     """A pynetdicom AE whose listeners are :class:`GuardedServer` with ``guard``, on
-    ``listener`` when given (see :meth:`GuardedServer.server_bind`)."""
+    ``listener`` when given (see :meth:`GuardedServer.server_bind`), and whose associations
+    wait on their sockets instead of polling them (:mod:`~dicom_ai_node.receive.reactor`)."""
 
     def __init__(
         self, guard: ConnectionGuard, ae_title: str, listener: socket.socket | None = None
@@ -363,7 +365,14 @@ class GuardedAE(AE):
         if ssl_context is not None:
             ssl_context.sslsocket_class = MeteredSSLSocket
         server = super().make_server(
-            address, ae_title, contexts, ssl_context, evt_handlers, GuardedServer, **kwargs
+            address,
+            ae_title,
+            contexts,
+            ssl_context,
+            evt_handlers,
+            GuardedServer,
+            request_handler=ReactiveRequestHandler,
+            **kwargs,
         )
         assert isinstance(server, GuardedServer)
         server.guard = self.guard

@@ -1,0 +1,97 @@
+"""The association reactor waits on its socket: an idle association does not poll, a busy
+one is answered as before, and a stop tells the two apart."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from sqlalchemy import select
+
+from dicom_ai_node.jobs.models import Association
+from dicom_ai_node.node import Node
+from dicom_ai_node.receive.reactor import MAX_WAIT_SECONDS, ReactiveDUL
+from dicom_ai_node.receive.scp import IDLE_AT_STOP_SECONDS
+from tests.support.helpers import instance, wait_for
+
+IDLE_SECONDS = 1.0
+GRACE_SECONDS = 60.0
+
+
+def test_an_idle_association_waits_instead_of_polling(node_factory: Callable[..., Node]) -> None:
+    node = node_factory()
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="AINODE")
+    assert assoc.is_established
+    try:
+        accepted = wait_for(lambda: node.scp.ae.active_associations)
+        dul = accepted[0].dul
+        assert isinstance(dul, ReactiveDUL)
+        waits = 0
+        lock = threading.Lock()
+        wait = dul._wait
+
+        def counted() -> None:
+            nonlocal waits
+            with lock:
+                waits += 1
+            wait()
+
+        dul._wait = counted  # type: ignore[method-assign]
+        time.sleep(IDLE_SECONDS)
+        with lock:
+            idle_waits = waits
+        # pynetdicom's own loop looks at the socket every _run_loop_delay (1 ms by default):
+        # about a thousand times in that second; this one only when its wait times out
+        assert idle_waits <= 2 * IDLE_SECONDS / MAX_WAIT_SECONDS + 5, idle_waits
+        # and it still answers at once, and more than once
+        for _ in range(3):
+            assert assoc.send_c_echo().Status == 0x0000
+            assert assoc.send_c_store(instance()).Status == 0x0000
+    finally:
+        assoc.release()
+    assert assoc.is_released
+    wait_for(lambda: not node.scp.ae.active_associations)
+    assert not dul.is_alive()
+
+
+def test_a_stop_lets_a_sending_association_finish_and_aborts_an_idle_one(
+    node_factory: Callable[..., Node],
+) -> None:
+    node = node_factory()
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context(CTImageStorage)
+    idle = ae.associate("127.0.0.1", node.scp.port, ae_title="AINODE")
+    busy = ae.associate("127.0.0.1", node.scp.port, ae_title="AINODE")
+    assert idle.is_established and busy.is_established
+    statuses: list[int] = []
+    stopping = threading.Event()
+
+    def send() -> None:
+        """Store without a pause until well after the idle one is given up, then release."""
+        stopping.wait()
+        until = time.monotonic() + IDLE_AT_STOP_SECONDS + 1.0
+        while time.monotonic() < until:
+            statuses.append(int(busy.send_c_store(instance()).Status))
+        busy.release()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    stopping.set()
+    started = time.monotonic()
+    node.scp.stop(grace_seconds=GRACE_SECONDS)
+    stopped_after = time.monotonic() - started
+    sender.join(timeout=60)
+    # it waited for the sending one, not for the idle one (which would take the grace)
+    assert IDLE_AT_STOP_SECONDS < stopped_after < GRACE_SECONDS / 2, stopped_after
+    assert busy.is_released  # it ended as its requestor chose, not by the stop
+    assert statuses and set(statuses) == {0x0000}
+    wait_for(lambda: idle.is_aborted, timeout=10)
+    with node.sessions() as session:
+        outcomes = dict(session.execute(select(Association.instances, Association.outcome)).all())
+    assert outcomes == {len(statuses): "released", 0: "aborted"}
