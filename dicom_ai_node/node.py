@@ -125,6 +125,7 @@ class Node:
             audit=self.audit,
             commitment_reports=CommitmentReports(self.sessions, settings.dispatch).handle,
             listener=listener,
+            shared=listener is not None and settings.processes.count("receive") > 1,
         )
         self.runner = JobRunner(
             settings,

@@ -25,6 +25,7 @@ import select
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -267,6 +268,12 @@ class GuardedServer(ThreadedAssociationServer):
     request_queue_size = 128
     guard: ConnectionGuard
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: Connections accepted whose thread has not yet made them an association.
+        self._preparing = 0
+        self._preparing_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
     def server_bind(self) -> None:
         """Bind, or take the listening socket the AE was given (shared by the receiver
         processes of a node). That one is non-blocking: several processes wait on it, the
@@ -283,14 +290,41 @@ class GuardedServer(ThreadedAssociationServer):
         self.server_address = self.socket.getsockname()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection; on a socket shared with other receiver processes, the later
+        the more connections this one holds (see :attr:`GuardedAE.shared`)."""
         assert self.socket is not None
+        if cast(GuardedAE, self.ae).shared:
+            held = self._preparing + len(self.ae.active_associations)
+            if held:
+                time.sleep(held * sys.getswitchinterval())
         connection, address = self.socket.accept()
         return connection, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         return self.guard.connect(str(client_address[0]))
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the connection's thread, counted in :attr:`_preparing` until pynetdicom
+        has made it an association (whose thread is then counted instead)."""
+        with self._preparing_lock:
+            self._preparing += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._prepared()
+            raise
+
+    def _prepared(self) -> None:
+        with self._preparing_lock:
+            self._preparing -= 1
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            self._process(request, client_address)
+        finally:
+            self._prepared()
+
+    def _process(self, request: Any, client_address: Any) -> None:
         address = str(client_address[0])
         limits = self.guard.limits
         try:
@@ -343,14 +377,28 @@ class GuardedServer(ThreadedAssociationServer):
 class GuardedAE(AE):
     """A pynetdicom AE whose listeners are :class:`GuardedServer` with ``guard``, on
     ``listener`` when given (see :meth:`GuardedServer.server_bind`), and whose associations
-    wait on their sockets instead of polling them (:mod:`~dicom_ai_node.receive.reactor`)."""
+    wait on their sockets instead of polling them (:mod:`~dicom_ai_node.receive.reactor`).
+
+    ``shared``: other processes accept on ``listener`` too. The kernel wakes all of them for
+    each connection and the first to call ``accept`` gets it, which is as often a process
+    already busy as an idle one: four senders into two receivers were split three to one in
+    2 of 5 runs, and then took 1.19-1.31x one sender's rate against 1.42-1.64x when split two
+    and two. So a process that holds connections waits one interpreter switch interval (the
+    longest its accepting thread may wait for the interpreter lock, 5 ms) per connection
+    held before it accepts, which lets the least busy process take the connection first.
+    """
 
     def __init__(
-        self, guard: ConnectionGuard, ae_title: str, listener: socket.socket | None = None
+        self,
+        guard: ConnectionGuard,
+        ae_title: str,
+        listener: socket.socket | None = None,
+        shared: bool = False,
     ) -> None:
         super().__init__(ae_title=ae_title)
         self.guard = guard
         self.listener = listener
+        self.shared = shared
 
     def make_server(  # type: ignore[override]
         self,

@@ -124,7 +124,8 @@ class StorageSCP:
     ``ingest`` stores what arrives (the node's STOW-RS service and C-GET share it);
     ``metrics`` counts instances and associations. ``listener``, a bound and listening
     socket, is accepted on instead of binding ``[dicom] bind`` and ``port``: the receiver
-    processes of one node share the one socket their supervisor opened.
+    processes of one node share the one socket their supervisor opened (``shared``: more
+    than one does, see :class:`~dicom_ai_node.receive.guard.GuardedAE`).
     """
 
     def __init__(
@@ -138,6 +139,7 @@ class StorageSCP:
         audit: AuditTrail | None = None,
         commitment_reports: Callable[[evt.Event], tuple[int, Dataset | None]] | None = None,
         listener: socket.socket | None = None,
+        shared: bool = False,
     ) -> None:
         self.settings = settings
         self.commitment_reports = commitment_reports
@@ -160,12 +162,12 @@ class StorageSCP:
             self._record_connection_refused,
         )
         self._ssl_context = server_context(settings.tls) if settings.tls.enabled else None
-        self.ae = self._make_ae(listener)
+        self.ae = self._make_ae(listener, shared)
         self._sop_classes = {str(cx.abstract_syntax) for cx in self.ae.supported_contexts}
 
-    def _make_ae(self, listener: socket.socket | None) -> AE:
+    def _make_ae(self, listener: socket.socket | None, shared: bool) -> AE:
         s = self.settings
-        ae = GuardedAE(self.guard, s.ae_title, listener)
+        ae = GuardedAE(self.guard, s.ae_title, listener, shared)
         ae.maximum_associations = s.maximum_associations
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout

@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from dicom_ai_node.jobs.models import Association, Instance, Job
@@ -201,3 +204,36 @@ def test_roles_run_a_subset_and_a_dead_child_shows_in_healthz(served: Served) ->
     run_tool("echoscu", "-aec", "AINODE", "127.0.0.1", str(served.port))  # the other one
     assert served.signal(signal.SIGTERM) == 0
     assert served.log.read_text().rstrip().endswith("stopped")
+
+
+def _open_owners(engine: Engine) -> list[str]:
+    with Session(engine) as session:
+        return list(
+            session.scalars(select(Association.owner).where(Association.ended_at.is_(None)))
+        )
+
+
+def test_the_receiver_processes_take_turns_at_new_associations(served: Served) -> None:
+    """Four associations opened one after another into two receivers: two each (a process
+    that holds connections lets an idle one accept first; see receive/guard.py)."""
+    served.args = ["--role", "web", "--role", "receive"]
+    served.start()
+    engine = served.engine()
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context(Verification)
+    held = []
+    try:
+        for n in range(1, 5):
+            assoc = ae.associate("127.0.0.1", served.port, ae_title="AINODE")
+            assert assoc.is_established
+            held.append(assoc)
+            wait_for(lambda n=n: len(_open_owners(engine)) == n)  # type: ignore[misc]
+        owners = Counter(_open_owners(engine))
+        assert sorted(owners.values()) == [2, 2], owners
+        assert {int(owner.rsplit(":", 1)[1]) for owner in owners} == set(served.children("receive"))
+        for assoc in held:
+            assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        for assoc in held:
+            assoc.release()
+        engine.dispose()
