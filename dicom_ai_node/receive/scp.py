@@ -97,17 +97,12 @@ class _AssociationInfo:
     called: Peer
     stored: int = 0
     failed: int = 0
+    storing: bool = False  # a C-STORE handler runs
     received: ReceivedTally = field(default_factory=ReceivedTally)  # for the audit trail
 
     @property
     def requestor(self) -> Peer:
         return Peer(self.calling_ae_title, self.peer.rsplit(":", 1)[0])
-
-
-def _idle(assoc: PynetdicomAssociation) -> bool:
-    """Whether the peer has sent nothing on ``assoc`` for :data:`IDLE_AT_STOP_SECONDS`."""
-    dul = assoc.dul
-    return isinstance(dul, ReactiveDUL) and dul.idle_seconds() >= IDLE_AT_STOP_SECONDS
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -231,30 +226,40 @@ class StorageSCP:
 
         Connections that never negotiated an association (a port probe, a peer still
         silent) are not waited for, nor are associations whose peer has sent nothing for
-        :data:`IDLE_AT_STOP_SECONDS`: a peer may keep an association open and idle for as
-        long as it likes (Orthanc keeps the ones it opened to send storage commitment
-        reports), and releasing it (A-RELEASE, PS3.8 Section 7.2) is the peer's to ask.
-        Those are aborted (A-ABORT, PS3.8 Section 7.3): nothing is in flight on them, so
-        nothing acknowledged is lost, and a sender that had more to send sends it again once
-        the node is back.
+        :data:`IDLE_AT_STOP_SECONDS` while none of their C-STOREs is being stored: a peer
+        may keep an association open and idle for as long as it likes (Orthanc keeps the
+        ones it opened to send storage commitment reports), and releasing it (A-RELEASE,
+        PS3.8 Section 7.2) is the peer's to ask. Those are aborted (A-ABORT, PS3.8 Section
+        7.3): nothing is in flight on them, so nothing acknowledged is lost, and a sender
+        that had more to send sends it again once the node is back.
         """
         if self._server is None:
             return
         self._server.shutdown()
         deadline = time.monotonic() + grace_seconds
         while time.monotonic() < deadline and any(
-            assoc.is_established and not _idle(assoc) for assoc in self.ae.active_associations
+            assoc.is_established and not self._idle(assoc) for assoc in self.ae.active_associations
         ):
             time.sleep(0.05)
         for assoc in self.ae.active_associations:
             if assoc.is_established:
                 log.warning(
                     "aborting association still open at shutdown%s: %s",
-                    " (idle)" if _idle(assoc) else "",
+                    " (idle)" if self._idle(assoc) else "",
                     assoc.name,
                 )
             assoc.abort()
         self._server = None
+
+    def _idle(self, assoc: PynetdicomAssociation) -> bool:
+        """Whether the peer has sent nothing on ``assoc`` for :data:`IDLE_AT_STOP_SECONDS`
+        and no C-STORE of it is being stored."""
+        dul, info = assoc.dul, self._info(assoc)
+        return (
+            isinstance(dul, ReactiveDUL)
+            and dul.idle_seconds() >= IDLE_AT_STOP_SECONDS
+            and not (info is not None and info.storing)
+        )
 
     # --- association bookkeeping -----------------------------------------------------------
 
@@ -402,14 +407,20 @@ class StorageSCP:
     def _on_store(self, event: evt.Event) -> int | Dataset:
         info = self._info(event.assoc)
         request = cast(C_STORE, event.request)
-        stored = self.ingest.store(
-            event.encoded_dataset(),
-            association_id=info.id if info else None,
-            calling_ae_title=info.calling_ae_title if info else "",
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            sop_instance_uid=str(request.AffectedSOPInstanceUID).rstrip("\0 "),
-            sop_class_uid=str(request.AffectedSOPClassUID).rstrip("\0 "),
-        )
+        if info is not None:
+            info.storing = True
+        try:
+            stored = self.ingest.store(
+                event.encoded_dataset(),
+                association_id=info.id if info else None,
+                calling_ae_title=info.calling_ae_title if info else "",
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID).rstrip("\0 "),
+                sop_class_uid=str(request.AffectedSOPClassUID).rstrip("\0 "),
+            )
+        finally:
+            if info is not None:
+                info.storing = False
         if info is not None:
             if stored.ok:
                 info.stored += 1

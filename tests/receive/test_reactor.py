@@ -95,3 +95,33 @@ def test_a_stop_lets_a_sending_association_finish_and_aborts_an_idle_one(
     with node.sessions() as session:
         outcomes = dict(session.execute(select(Association.instances, Association.outcome)).all())
     assert outcomes == {len(statuses): "released", 0: "aborted"}
+
+
+def test_a_stop_waits_for_a_store_that_waits_for_the_job_log(
+    node_factory: Callable[..., Node],
+) -> None:
+    """A C-STORE held up in its handler (the job log's write lock taken) is not idle: the
+    stop waits for it and it is answered with success."""
+    node = node_factory()
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="AINODE")
+    assert assoc.is_established
+    statuses: list[int] = []
+    stopper = threading.Thread(target=node.scp.stop, kwargs={"grace_seconds": GRACE_SECONDS})
+    with node.engine.connect() as holder:
+        lock = holder.begin()  # BEGIN IMMEDIATE: holds the write lock
+        sender = threading.Thread(
+            target=lambda: statuses.append(int(assoc.send_c_store(instance()).Status))
+        )
+        sender.start()
+        wait_for(lambda: node.scp.ingest.recorder._leading)  # the handler waits for the lock
+        stopper.start()
+        time.sleep(IDLE_AT_STOP_SECONDS + 1.0)  # longer than an idle association is kept
+        assert assoc.is_established and stopper.is_alive()
+        lock.rollback()
+    sender.join(timeout=60)
+    assert statuses == [0x0000]
+    assoc.release()
+    stopper.join(timeout=60)
+    assert assoc.is_released and not stopper.is_alive()
