@@ -60,7 +60,7 @@ class ReactiveDUL(DULServiceProvider):
         self.to_provider_queue = _WakingQueue(self)
         self._run_loop_delay = 0.0
         self._reading = False
-        self._last_received = time.monotonic()
+        self._last_activity = time.monotonic()
 
     def wake(self) -> None:
         """Make the reactor's current or next wait return at once."""
@@ -99,12 +99,18 @@ class ReactiveDUL(DULServiceProvider):
         finally:
             self._reading = False
         if received:
-            self._last_received = time.monotonic()
+            self._last_activity = time.monotonic()
         return received
 
+    def _process_recv_primitive(self) -> bool:
+        sent = bool(super()._process_recv_primitive())
+        if sent:
+            self._last_activity = time.monotonic()
+        return sent
+
     def idle_seconds(self) -> float:
-        """Seconds since the peer last sent anything; 0 while a PDU is being read."""
-        return 0.0 if self._reading else time.monotonic() - self._last_received
+        """Seconds since anything was last received or sent; 0 while a PDU is being read."""
+        return 0.0 if self._reading else time.monotonic() - self._last_activity
 
     def _wait(self) -> None:
         """Block until the socket is readable, something is queued, or a timer may be due.

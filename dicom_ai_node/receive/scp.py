@@ -58,7 +58,7 @@ from dicom_ai_node.tls import server_context
 
 log = logging.getLogger(__name__)
 
-#: At a stop, an association whose peer has sent nothing for this long is not waited for.
+#: At a stop, an association on which nothing was sent for this long is not waited for.
 IDLE_AT_STOP_SECONDS = 2.0
 _UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian})
 _SUPPORTED = frozenset(ALL_TRANSFER_SYNTAXES)
@@ -225,8 +225,8 @@ class StorageSCP:
         """Stop accepting associations, let established ones finish (up to the grace), stop.
 
         Connections that never negotiated an association (a port probe, a peer still
-        silent) are not waited for, nor are associations whose peer has sent nothing for
-        :data:`IDLE_AT_STOP_SECONDS` while none of their C-STOREs is being stored: a peer
+        silent) are not waited for, nor are associations on which nothing was sent either way
+        for :data:`IDLE_AT_STOP_SECONDS` while none of their C-STOREs is being stored: a peer
         may keep an association open and idle for as long as it likes (Orthanc keeps the
         ones it opened to send storage commitment reports), and releasing it (A-RELEASE,
         PS3.8 Section 7.2) is the peer's to ask. Those are aborted (A-ABORT, PS3.8 Section
@@ -252,7 +252,7 @@ class StorageSCP:
         self._server = None
 
     def _idle(self, assoc: PynetdicomAssociation) -> bool:
-        """Whether the peer has sent nothing on ``assoc`` for :data:`IDLE_AT_STOP_SECONDS`
+        """Whether nothing was sent either way on ``assoc`` for :data:`IDLE_AT_STOP_SECONDS`
         and no C-STORE of it is being stored."""
         dul, info = assoc.dul, self._info(assoc)
         return (
