@@ -11,7 +11,15 @@ only where it waits: the look at the socket blocks until the socket is readable 
 thread queues something for the reactor (a primitive to send, an event for the state
 machine, a stop), which writes a byte to a pipe the same ``select`` watches. The loop's own
 sleep is then zero. The wait is bounded (:data:`MAX_WAIT_SECONDS`, and the ARTIM timer's
-time left, PS3.8 Section 9.1.5), so a timer is seen in time whatever happens.
+time left, PS3.8 Section 9.1.5), so a timer is seen in time whatever happens. Measured the
+same way, one idle association then cost 0.03 of a core and four 0.09: what is left is
+pynetdicom's association thread, which loops every millisecond. The reactor also keeps the
+time of the last PDU either way (:meth:`ReactiveDUL.idle_seconds`), which a stop uses to
+tell an idle association from a busy one.
+
+This leans on pynetdicom 3.0's internals (the loop's ``_is_transport_event`` and
+``_process_recv_primitive`` steps, the request handler's ``_create_association``); the
+dependency is pinned below 4 and every receive test runs through it.
 """
 
 from __future__ import annotations
