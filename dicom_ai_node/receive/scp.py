@@ -58,7 +58,7 @@ from dicom_ai_node.tls import server_context
 
 log = logging.getLogger(__name__)
 
-#: At a stop, an association on which nothing was sent for this long is not waited for.
+#: At a stop, an association whose last PDU was the node's, this long ago, is not waited for.
 IDLE_AT_STOP_SECONDS = 2.0
 _UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian})
 _SUPPORTED = frozenset(ALL_TRANSFER_SYNTAXES)
@@ -97,7 +97,6 @@ class _AssociationInfo:
     called: Peer
     stored: int = 0
     failed: int = 0
-    storing: bool = False  # a C-STORE handler runs
     received: ReceivedTally = field(default_factory=ReceivedTally)  # for the audit trail
 
     @property
@@ -225,13 +224,13 @@ class StorageSCP:
         """Stop accepting associations, let established ones finish (up to the grace), stop.
 
         Connections that never negotiated an association (a port probe, a peer still
-        silent) are not waited for, nor are associations on which nothing was sent either way
-        for :data:`IDLE_AT_STOP_SECONDS` while none of their C-STOREs is being stored: a peer
-        may keep an association open and idle for as long as it likes (Orthanc keeps the
-        ones it opened to send storage commitment reports), and releasing it (A-RELEASE,
-        PS3.8 Section 7.2) is the peer's to ask. Those are aborted (A-ABORT, PS3.8 Section
-        7.3): nothing is in flight on them, so nothing acknowledged is lost, and a sender
-        that had more to send sends it again once the node is back.
+        silent) are not waited for, nor are associations whose last PDU was the node's own
+        (an answer, so no request is being handled) sent :data:`IDLE_AT_STOP_SECONDS` ago or
+        more: a peer may keep an association open and idle for as long as it likes
+        (Orthanc keeps the ones it opened to send storage commitment reports), and releasing
+        it (A-RELEASE, PS3.8 Section 7.2) is the peer's to ask. Those are aborted (A-ABORT,
+        PS3.8 Section 7.3): nothing is in flight on them, so nothing acknowledged is lost,
+        and a sender that had more to send sends it again once the node is back.
         """
         if self._server is None:
             return
@@ -251,15 +250,12 @@ class StorageSCP:
             assoc.abort()
         self._server = None
 
-    def _idle(self, assoc: PynetdicomAssociation) -> bool:
-        """Whether nothing was sent either way on ``assoc`` for :data:`IDLE_AT_STOP_SECONDS`
-        and no C-STORE of it is being stored."""
-        dul, info = assoc.dul, self._info(assoc)
-        return (
-            isinstance(dul, ReactiveDUL)
-            and dul.idle_seconds() >= IDLE_AT_STOP_SECONDS
-            and not (info is not None and info.storing)
-        )
+    @staticmethod
+    def _idle(assoc: PynetdicomAssociation) -> bool:
+        """Whether ``assoc`` has been idle for :data:`IDLE_AT_STOP_SECONDS` (see
+        :meth:`ReactiveDUL.idle_seconds`)."""
+        dul = assoc.dul
+        return isinstance(dul, ReactiveDUL) and dul.idle_seconds() >= IDLE_AT_STOP_SECONDS
 
     # --- association bookkeeping -----------------------------------------------------------
 
@@ -407,20 +403,14 @@ class StorageSCP:
     def _on_store(self, event: evt.Event) -> int | Dataset:
         info = self._info(event.assoc)
         request = cast(C_STORE, event.request)
-        if info is not None:
-            info.storing = True
-        try:
-            stored = self.ingest.store(
-                event.encoded_dataset(),
-                association_id=info.id if info else None,
-                calling_ae_title=info.calling_ae_title if info else "",
-                transfer_syntax_uid=str(event.context.transfer_syntax),
-                sop_instance_uid=str(request.AffectedSOPInstanceUID).rstrip("\0 "),
-                sop_class_uid=str(request.AffectedSOPClassUID).rstrip("\0 "),
-            )
-        finally:
-            if info is not None:
-                info.storing = False
+        stored = self.ingest.store(
+            event.encoded_dataset(),
+            association_id=info.id if info else None,
+            calling_ae_title=info.calling_ae_title if info else "",
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID).rstrip("\0 "),
+            sop_class_uid=str(request.AffectedSOPClassUID).rstrip("\0 "),
+        )
         if info is not None:
             if stored.ok:
                 info.stored += 1

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from pynetdicom import AE
+from pynetdicom.association import Association as DicomAssociation
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
@@ -21,12 +22,17 @@ IDLE_SECONDS = 1.0
 GRACE_SECONDS = 60.0
 
 
-def test_an_idle_association_waits_instead_of_polling(node_factory: Callable[..., Node]) -> None:
-    node = node_factory()
+def _associate(node: Node) -> DicomAssociation:
+    """An association from a modality (CT1) proposing Verification and CT Image Storage."""
     ae = AE(ae_title="CT1")
     ae.add_requested_context(Verification)
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="AINODE")
+    return ae.associate("127.0.0.1", node.scp.port, ae_title="AINODE")
+
+
+def test_an_idle_association_waits_instead_of_polling(node_factory: Callable[..., Node]) -> None:
+    node = node_factory()
+    assoc = _associate(node)
     assert assoc.is_established
     try:
         accepted = wait_for(lambda: node.scp.ae.active_associations)
@@ -64,10 +70,7 @@ def test_a_stop_lets_a_sending_association_finish_and_aborts_an_idle_one(
     node_factory: Callable[..., Node],
 ) -> None:
     node = node_factory()
-    ae = AE(ae_title="CT1")
-    ae.add_requested_context(CTImageStorage)
-    idle = ae.associate("127.0.0.1", node.scp.port, ae_title="AINODE")
-    busy = ae.associate("127.0.0.1", node.scp.port, ae_title="AINODE")
+    idle, busy = _associate(node), _associate(node)
     assert idle.is_established and busy.is_established
     statuses: list[int] = []
     stopping = threading.Event()
@@ -103,9 +106,7 @@ def test_a_stop_waits_for_a_store_that_waits_for_the_job_log(
     """A C-STORE held up in its handler (the job log's write lock taken) is not idle: the
     stop waits for it and it is answered with success."""
     node = node_factory()
-    ae = AE(ae_title="CT1")
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="AINODE")
+    assoc = _associate(node)
     assert assoc.is_established
     statuses: list[int] = []
     stopper = threading.Thread(target=node.scp.stop, kwargs={"grace_seconds": GRACE_SECONDS})
