@@ -9,7 +9,12 @@ its own association), to:
 - DCMTK ``storescp --fork`` (a process per association, bit-preserving, no fsync): what the
   machine can do;
 - for 1 sender, ``benchmarks/bare_scp.py``: pynetdicom writing and fsyncing each file and
-  nothing else, the floor our libraries set.
+  nothing else, the floor our libraries set;
+- the floors with as many processes on one socket as the node has receivers (the bare SCP,
+  and the "checked" bare SCP that also parses the header and writes atomically, as any
+  receiver keeping the node's promises must, but has no job log): how close to each goal
+  pynetdicom itself comes on this machine, so that a goal the node misses can be told apart
+  from one that these libraries cannot reach here.
 
 Then ingest under inference: a node with the ``head-ct`` route (``head-ct-hemorrhage-demo``)
 and one receiver process takes one series with 1 sender while idle, then is sent a 200-slice
@@ -32,6 +37,7 @@ Usage: ``.venv/bin/python benchmarks/ingest.py [--count 200] [--repeat 3] [--qui
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import shutil
@@ -386,57 +392,81 @@ class Results:
 
 
 def run_senders(work: Path, sets: list[dict[int, list[Path]]], results: Results) -> None:
-    """1, 4 and 8 senders into the node and into ``storescp --fork``, 1 into the bare SCP.
+    """1, 4 and 8 senders into the node, into ``storescp --fork`` and into the bare SCPs with
+    as many processes as the node has receivers; 1 into the single-process bare SCP.
 
-    The three servers run at once and each repeat sends one series to each in turn, so that
-    the ratios of a repeat compare moments close together: on a virtual machine the speed
-    of the same work drifts by 2x over minutes (other tenants of the host). The node runs
-    as ``serve`` does by default, one receiver process per core; each of its cases gets a
+    The servers run at once and each repeat sends one series to each in turn, so that the
+    ratios of a repeat compare moments close together: on a virtual machine the speed of
+    the same work drifts by 2x over minutes (other tenants of the host). The node runs as
+    ``serve`` does by default, one receiver process per core; each of its cases gets a
     series of its own (fresh UIDs: a series sent again is a different path, the duplicate's),
-    which the DCMTK and bare servers are sent too.
+    which the other servers are sent too.
     """
-    dcmtk_out, bare_out = work / "storescp", work / "bare"
-    dcmtk_out.mkdir()
-    bare_out.mkdir()
-    dcmtk_port, bare_port = free_port(), free_port()
-    dcmtk_command = ["storescp", "--fork", "--bit-preserving", "-od", str(dcmtk_out)]
-    bare_command = [sys.executable, str(ROOT / "benchmarks" / "bare_scp.py")]
-    node_cmd, env, node_port = node_command(work, "node", CORES, routes=False)
-    with (
-        serving(
-            "storescp --fork", [*dcmtk_command, str(dcmtk_port)], dcmtk_port, "STORESCP"
-        ) as dcmtk,
-        serving(
-            "bare pynetdicom SCP",
-            [*bare_command, str(bare_port), str(bare_out)],
-            bare_port,
+
+    def bare(*options: str) -> Callable[[Path, int], list[str]]:
+        script = str(ROOT / "benchmarks" / "bare_scp.py")
+        return lambda out, port: [sys.executable, script, str(port), str(out), *options]
+
+    servers: dict[str, tuple[str, str, Callable[[Path, int], list[str]]]] = {
+        # key: label, AE title, the command for (folder, port)
+        "storescp": (
+            "storescp --fork",
+            "STORESCP",
+            lambda out, port: [
+                "storescp",
+                "--fork",
+                "--bit-preserving",
+                "-od",
+                str(out),
+                str(port),
+            ],
+        ),
+        "bare": ("bare pynetdicom SCP", "BARESCP", bare()),
+        "bare xN": (
+            f"bare pynetdicom SCP, {CORES} processes",
             "BARESCP",
-        ) as bare,
-        serving(
-            f"node, receive={CORES}",
-            node_cmd,
-            node_port,
-            "AINODE",
-            env,
-            node_ready(work, "node"),
-        ) as node,
-    ):
+            bare("--processes", str(CORES)),
+        ),
+        "checked": (
+            f"checked bare SCP, {CORES} processes",
+            "BARESCP",
+            bare("--processes", str(CORES), "--kind", "checked"),
+        ),
+    }
+    node_cmd, env, node_port = node_command(work, "node", CORES, routes=False)
+    with contextlib.ExitStack() as stack:
+        running: dict[str, Server] = {}
+        for key, (label, aet, command) in servers.items():
+            out, port = work / key.replace(" ", "-"), free_port()
+            out.mkdir()
+            running[key] = stack.enter_context(serving(label, command(out, port), port, aet))
+        running["node"] = stack.enter_context(
+            serving(
+                f"node, receive={CORES}",
+                node_cmd,
+                node_port,
+                "AINODE",
+                env,
+                node_ready(work, "node"),
+            )
+        )
         for repeat in sets:
             for senders in SENDERS:
                 files = repeat[senders]
-                results.add("storescp", senders, measure(dcmtk, files, senders))
-                results.add("node", senders, measure(node, files, senders))
-                if senders == 1:
-                    results.add("bare", 1, measure(bare, files, 1))
-    for server in (dcmtk, bare, node):
-        results.rss[server.label] = server.sampler.summary()
+                for key, server in running.items():
+                    if key != "bare" or senders == 1:
+                        results.add(key, senders, measure(server, files, senders))
+        for server in running.values():
+            results.rss[server.label] = server.sampler.summary()
     sent = sum(len(files) for repeat in sets for files in repeat.values())
-    if sum(1 for _ in dcmtk_out.iterdir()) != sent:
+    if sum(1 for _ in (work / "storescp").iterdir()) != sent:
         raise RuntimeError("storescp lost files")
+    if sum(1 for _ in (work / "checked").rglob("*.dcm")) != sent:
+        raise RuntimeError("the checked bare SCP lost files")
     if (stored := stored_instances(work, "node")) != sent:
         raise RuntimeError(f"node recorded {stored} of {sent}")
-    for folder in (dcmtk_out, bare_out, work / "node"):
-        shutil.rmtree(folder)
+    for key in (*servers, "node"):
+        shutil.rmtree(work / key.replace(" ", "-"))
 
 
 def _job_running(work: Path, name: str) -> bool:
@@ -521,6 +551,16 @@ def report(results: Results, count: int, size_mb: float, repeat: int, slices: in
         )
     print(f"bare pynetdicom SCP (write + fsync only), 1 sender: {rate('bare', 1):.1f} img/s")
     print(
+        f"the floors with {CORES} processes on one socket, img/s and x 1 sender: bare (write + "
+        "fsync) and checked (header parse, atomic write; no job log)"
+    )
+    for senders in SENDERS:
+        floor, checked = rate("bare xN", senders), rate("checked", senders)
+        print(
+            f"{senders:7d} sender(s): bare {floor:6.1f} x{floor / rate('bare xN', 1):.2f}, "
+            f"checked {checked:6.1f} x{checked / rate('checked', 1):.2f}"
+        )
+    print(
         "CPU: the server's process tree, ms per image; the machine's cores busy meanwhile, "
         "and taken by the host (steal)"
     )
@@ -544,6 +584,16 @@ def report(results: Results, count: int, size_mb: float, repeat: int, slices: in
     for name, each in ratios.items():
         print(_ratio_line(name, each, GOALS[name]))
     print(_ratio_line("8 senders / 1 sender", results.ratios(("node", 8), ("node", 1)), None))
+    print("the same ratios for the floors (what pynetdicom allows here, with the same processes):")
+    floors = {
+        "checked / bare, 1 sender": results.ratios(("checked", 1), ("bare", 1)),
+        "bare xN, 4 / 1 sender": results.ratios(("bare xN", 4), ("bare xN", 1)),
+        "checked, 4 / 1 sender": results.ratios(("checked", 4), ("checked", 1)),
+        "node / checked, 1 sender": results.ratios(("node", 1), ("checked", 1)),
+        "node / checked, 4 senders": results.ratios(("node", 4), ("checked", 4)),
+    }
+    for name, each in floors.items():
+        print(_ratio_line(name, each, None))
     print("peak RSS (VmHWM) of each process of each server's tree:")
     for label, summary in results.rss.items():
         print(f"  {label}: {summary}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -192,6 +193,10 @@ def _child(spec: ChildSpec) -> None:
         from dicom_ai_node.infer.runtime import configure_threads
 
         configure_threads(settings.worker.inference_threads)
+        # Linux keeps a niceness per thread: set here, before TensorFlow's pools, every thread
+        # the worker starts inherits it. Never raised back: an unprivileged process cannot.
+        niceness = max(settings.worker.nice, os.getpriority(os.PRIO_PROCESS, 0))
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
     try:
         node = Node(settings, roles=(spec.role,), listener=spec.listener, status=status)
     except ConfigError as exc:

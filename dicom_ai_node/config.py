@@ -251,6 +251,14 @@ class WorkerSettings(_Section):
         description="Intra-op threads of TensorFlow and ONNX Runtime in a work process; 0: one "
         "per usable core. Fewer leave cores to the receivers (infer.configure_threads)",
     )
+    nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Scheduling niceness of a work process (Linux nice, 0-19): the receivers "
+        "on the same host get the cores first when both want them; inference still uses every "
+        "core while they are idle",
+    )
 
 
 class DispatchSettings(_Section):

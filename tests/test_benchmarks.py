@@ -31,5 +31,13 @@ def test_ingest_benchmark_quick() -> None:
         )
     for goal in ("1 sender / bare SCP", "4 senders / 1 sender", "under inference / idle"):
         assert re.search(rf"{goal}\s+[\d.]+ \([\d. ]+\)\s+goal >= [\d.]+: (ok|MISSED)", out), out
+    for senders in (1, 4, 8):  # the floors with as many processes as the node's receivers
+        assert re.search(
+            rf"^\s+{senders} sender\(s\): bare\s+[\d.]+ x[\d.]+, checked\s+[\d.]+ x[\d.]+$",
+            out,
+            re.M,
+        ), out
+    for floor in ("checked / bare, 1 sender", "bare xN, 4 / 1 sender", "checked, 4 / 1 sender"):
+        assert re.search(rf"{floor}\s+[\d.]+ \([\d. ]+\)$", out, re.M), out
     assert re.search(r"node under inference.*serve: \d+ MB", out), out
     assert re.search(r"node\s+4 sender\(s\):\s+[\d.]+ ms/img, [\d.]+ of \d+ cores busy", out), out

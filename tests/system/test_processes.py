@@ -65,6 +65,7 @@ def test_killed_receiver_process_loses_nothing_acknowledged_and_its_series_compl
     files = sorted(study.rglob("*.dcm"))
     served.start()
     supervisor = served.proc
+    assert supervisor is not None
     engine = served.engine()
     sender = subprocess.Popen(
         ["storescu", "-v", "-aec", "AINODE", "127.0.0.1", str(served.port), *map(str, files)],
@@ -129,6 +130,12 @@ def test_killed_receiver_process_loses_nothing_acknowledged_and_its_series_compl
         engine.dispose()
 
 
+def _niceness(pid: int) -> int:
+    """The scheduling niceness of process ``pid``'s main thread (field 19 of proc(5) stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[16])
+
+
 def test_killed_worker_process_is_restarted_and_its_job_finishes(tmp_path: Path) -> None:
     poison.write_package(tmp_path / "models")
     config = tmp_path / "node.toml"
@@ -146,6 +153,7 @@ def test_killed_worker_process_is_restarted_and_its_job_finishes(tmp_path: Path)
     study = generate_studies(Task.CXR_OPACITY, Label.POSITIVE, 1, tmp_path / "in", seed=3)[0]
     served.start()
     supervisor = served.proc
+    assert supervisor is not None
     engine = served.engine()
     try:
         run_tool(
@@ -165,6 +173,11 @@ def test_killed_worker_process_is_restarted_and_its_job_finishes(tmp_path: Path)
 
         worker = wait_for(inferring, timeout=120)
         assert _health(served)["status"] == "ok"
+        # the worker yields the cores to the receivers ([worker] nice, 10 by default)
+        base = _niceness(supervisor.pid)
+        assert _niceness(worker) == max(10, base)
+        receivers = served.children("receive")
+        assert receivers and {_niceness(pid) for pid in receivers} == {base}
         os.kill(worker, signal.SIGKILL)
         # judged at once by the supervisor (an interruption: not the job's fault), restarted
         wait_for(lambda: (j := job()) is not None and j.interruptions == 1, timeout=60)
