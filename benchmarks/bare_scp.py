@@ -3,8 +3,9 @@
 Run by ``benchmarks/ingest.py`` as processes of their own, so that they pay for pynetdicom's
 association handling (PS3.8) and the DIMSE C-STORE exchange (PS3.7 9.1.1) exactly as the node
 does. They take the node's network settings (unlimited PDU size, as ``[dicom] maximum_pdu_size
-= 0``, and the node's association reactor, which waits on its socket instead of polling it),
-so that the gap to the node is the cost of the node's own code. Two kinds:
+= 0``; the node's association reactor, which waits on its socket instead of polling it, and
+its cheap copy of the presentation contexts per association), so that the gap to the node is
+the cost of the node's own code. Two kinds:
 
 - ``write`` (the floor of issue 10): write and fsync each file, nothing else: no header
   parse, no job log, no atomic rename.
@@ -41,7 +42,7 @@ if str(ROOT) not in sys.path:
 from dicom_ai_node.config import ConnectionLimits  # noqa: E402
 from dicom_ai_node.receive.access import AddressPolicy  # noqa: E402
 from dicom_ai_node.receive.guard import ConnectionGuard, GuardedAE  # noqa: E402
-from dicom_ai_node.receive.reactor import ReactiveRequestHandler  # noqa: E402
+from dicom_ai_node.receive.reactor import ContextTemplates, ReactiveRequestHandler  # noqa: E402
 from dicom_ai_node.spool import Spool  # noqa: E402
 from dicom_ai_node.supervisor import listen  # noqa: E402
 
@@ -50,10 +51,13 @@ STATUS_CANNOT_UNDERSTAND = 0xC000  # PS3.4 B.2.3
 
 
 class BareAE(AE):
-    """pynetdicom's AE with the node's association reactor (see ``receive/reactor.py``)."""
+    """pynetdicom's AE with the node's association reactor and its cheap copies of the
+    presentation contexts per association (see ``receive/reactor.py``)."""
 
     def make_server(self, *args: Any, **kwargs: Any) -> Any:
-        return super().make_server(*args, request_handler=ReactiveRequestHandler, **kwargs)
+        server = super().make_server(*args, request_handler=ReactiveRequestHandler, **kwargs)
+        server.contexts = ContextTemplates(server.contexts)
+        return server
 
 
 def write_only(folder: Path) -> Any:

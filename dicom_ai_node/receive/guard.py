@@ -38,7 +38,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_ai_node.config import ConnectionLimits
 from dicom_ai_node.receive.access import AddressPolicy
-from dicom_ai_node.receive.reactor import ReactiveRequestHandler
+from dicom_ai_node.receive.reactor import ContextTemplates, ReactiveRequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -424,4 +424,5 @@ class GuardedAE(AE):
         )
         assert isinstance(server, GuardedServer)
         server.guard = self.guard
+        server.contexts = ContextTemplates(server.contexts)
         return server

@@ -3,6 +3,8 @@ one is answered as before, and a stop tells the two apart."""
 
 from __future__ import annotations
 
+import copy
+import operator
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +16,7 @@ from sqlalchemy import select
 
 from dicom_ai_node.jobs.models import Association
 from dicom_ai_node.node import Node
-from dicom_ai_node.receive.reactor import MAX_WAIT_SECONDS, ReactiveDUL
+from dicom_ai_node.receive.reactor import MAX_WAIT_SECONDS, ContextTemplates, ReactiveDUL
 from dicom_ai_node.receive.scp import IDLE_AT_STOP_SECONDS
 from tests.support.helpers import instance, wait_for
 
@@ -28,6 +30,39 @@ def _associate(node: Node) -> DicomAssociation:
     ae.add_requested_context(Verification)
     ae.add_requested_context(CTImageStorage)
     return ae.associate("127.0.0.1", node.scp.port, ae_title="AINODE")
+
+
+def test_an_association_gets_its_own_contexts_holding_the_same_uids(
+    node_factory: Callable[..., Node],
+) -> None:
+    node = node_factory()
+    templates = node.scp._server.contexts
+    assert isinstance(templates, ContextTemplates)
+    # what pynetdicom's request handler gives each association it makes
+    own = copy.deepcopy(templates)
+    assert len(own) == len(templates) > 100  # every storage SOP class, and more
+    for mine, template in zip(own, templates, strict=True):
+        # its own objects, which it may change without changing the next association's
+        assert mine is not template
+        assert mine.transfer_syntax is not template.transfer_syntax
+        assert (mine.abstract_syntax, mine.transfer_syntax) == (
+            template.abstract_syntax,
+            template.transfer_syntax,
+        )
+        assert (mine.scu_role, mine.scp_role) == (template.scu_role, template.scp_role)
+        # and not one UID rebuilt (a deep copy validates every UID again: 48 ms)
+        assert mine.abstract_syntax is template.abstract_syntax
+        assert all(map(operator.is_, mine.transfer_syntax, template.transfer_syntax))
+    assoc = _associate(node)
+    try:
+        assert assoc.is_established
+        assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [
+            Verification,
+            CTImageStorage,
+        ]
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
 
 
 def test_an_idle_association_waits_instead_of_polling(node_factory: Callable[..., Node]) -> None:
