@@ -20,7 +20,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from dicom_ai_node import cli_ml, cli_pull
-from dicom_ai_node.config import ROLES, ConfigError, Role, Settings, config_path, load_settings
+from dicom_ai_node.config import ROLES, ConfigError, Role, Settings, load_settings
 from dicom_ai_node.demo import demo
 from dicom_ai_node.jobs.crashes import record_crashes
 from dicom_ai_node.jobs.db import SchemaTooNewError
@@ -158,7 +158,7 @@ def serve(config: ConfigOption = None, role: RoleOption = None) -> None:
     _setup_logging(settings, "supervisor")
     log = logging.getLogger("dicom_ai_node")
     stop = _stop_on_signals(log, signal.SIGINT, signal.SIGTERM)
-    supervisor = Supervisor(settings, cast(tuple[Role, ...], roles), config_path(config), run_child)
+    supervisor = Supervisor(settings, cast(tuple[Role, ...], roles), run_child)
     try:
         code = supervisor.run(stop)
     except (OSError, SchemaTooNewError) as exc:
@@ -184,7 +184,7 @@ def _child(spec: ChildSpec) -> None:
 
     become_child(spec)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor says when to stop
-    settings = _settings(spec.config)
+    settings = spec.settings
     _setup_logging(settings, f"{spec.role}-{spec.slot}")
     log = logging.getLogger("dicom_ai_node")
     stop = _stop_on_signals(log, signal.SIGTERM)

@@ -639,7 +639,10 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         model_config = SettingsConfigDict(toml_file=resolved)
 
     try:
-        return FileSettings(**overrides)
+        loaded = FileSettings(**overrides)
     except ValidationError as exc:
         where = f"{resolved}: " if resolved else ""
         raise ConfigError(f"{where}{_describe(exc)}") from None
+    # As a plain Settings, validated already: the subclass that names the file is local to
+    # this call, and ``serve`` pickles the settings to its children (supervisor.ChildSpec).
+    return Settings.model_construct(loaded.model_fields_set, **dict(loaded))

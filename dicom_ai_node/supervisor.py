@@ -41,7 +41,6 @@ from dataclasses import dataclass, field, replace
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
@@ -67,13 +66,17 @@ LISTEN_BACKLOG = 128
 
 @dataclass(frozen=True)
 class ChildSpec:
-    """What a child process is given: its role and slot, the configuration file, the
+    """What a child process is given: its role and slot, the supervisor's settings, the
     DICOM socket (receivers), the end of a pipe to say it is ready and the end of a pipe that
-    reads end-of-file once the supervisor has exited."""
+    reads end-of-file once the supervisor has exited.
+
+    The settings are those the supervisor loaded at its start, not the configuration file
+    read again: a child restarted after someone edited the file runs as its siblings do, and
+    a file left half-edited cannot stop the node at a child's next restart."""
 
     role: Role
     slot: int
-    config: Path | None
+    settings: Settings
     listener: socket.socket | None
     ready: Connection
     lifeline: Connection
@@ -126,12 +129,10 @@ class Supervisor:
         self,
         settings: Settings,
         roles: tuple[Role, ...],
-        config: Path | None,
         child_main: Callable[[ChildSpec], None],
     ) -> None:
         self.settings = settings
         self.roles = tuple(role for role in ROLES if role in roles)
-        self.config = config
         self.child_main = child_main
         self.status = ProcessStatus(settings.storage.data_dir, settings.node_name)
         self.engine = create_db_engine(settings.database_url, settings.database.busy_timeout_ms)
@@ -159,7 +160,7 @@ class Supervisor:
         spec = ChildSpec(
             child.role,
             child.slot,
-            self.config,
+            self.settings,
             self.listener if child.role == "receive" else None,
             ready_w,
             self.lifeline,

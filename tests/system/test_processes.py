@@ -20,6 +20,7 @@ from dicom_ai_node.jobs.models import Association, Instance, Job
 from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support import poison
 from tests.support.helpers import (
+    DCMTK_ENV,
     acknowledged_by_storescu,
     http_json,
     metric_sample,
@@ -217,6 +218,36 @@ def test_roles_run_a_subset_and_a_dead_child_shows_in_healthz(served: Served) ->
     run_tool("echoscu", "-aec", "AINODE", "127.0.0.1", str(served.port))  # the other one
     assert served.signal(signal.SIGTERM) == 0
     assert served.log.read_text().rstrip().endswith("stopped")
+
+
+def test_a_restarted_child_runs_with_the_settings_the_node_started_with(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('[dicom]\nae_title = "FIRSTAE"\n')
+    served = Served(tmp_path, config)
+    served.args = ["--role", "receive"]
+    served.env["DICOM_AI_NODE_PROCESSES__RECEIVE"] = "1"
+    served.env["DICOM_AI_NODE_PROCESSES__RESTART_SECONDS"] = "0.2"
+    served.start()
+    try:
+        echo = ["echoscu", "-aec", "FIRSTAE", "127.0.0.1", str(served.port)]
+        run_tool(*echo)
+        # an operator edits the file while the node runs: the node restarts as a whole to
+        # take it, never one child at a time, so a restarted child does as its siblings do
+        for edit in ('[dicom]\nae_title = "SECONDAE"\n', '[dicom]\nae_title = "SECONDAE'):
+            config.write_text(edit)  # the second is half-written: not valid TOML
+            (dead,) = served.children("receive")
+            os.kill(dead, signal.SIGKILL)
+            wait_for(lambda: _restarted(served, "receive", dead), timeout=60)  # noqa: B023
+            run_tool(*echo)
+            refused = subprocess.run(
+                ["echoscu", "-aec", "SECONDAE", "127.0.0.1", str(served.port)],
+                env=DCMTK_ENV,
+                capture_output=True,
+            )
+            assert refused.returncode != 0  # the called AE title is the first file's
+        assert served.signal(signal.SIGTERM) == 0
+    finally:
+        served.kill()
 
 
 def _open_owners(engine: Engine) -> list[str]:
