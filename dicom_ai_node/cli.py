@@ -194,7 +194,7 @@ def _child(spec: ChildSpec) -> None:
 
         configure_threads(settings.worker.inference_threads)
         # Linux keeps a niceness per thread: set here, before TensorFlow's pools, every thread
-        # the worker starts inherits it. Never raised back: an unprivileged process cannot.
+        # the worker starts inherits it. A service started nicer than this stays so.
         niceness = max(settings.worker.nice, os.getpriority(os.PRIO_PROCESS, 0))
         os.setpriority(os.PRIO_PROCESS, 0, niceness)
     try:
