@@ -20,7 +20,6 @@ from dicom_ai_node.jobs.models import Association, Instance, Job
 from dicom_ai_node.synth import Label, Task, generate_studies
 from tests.support import poison
 from tests.support.helpers import (
-    DCMTK_ENV,
     acknowledged_by_storescu,
     http_json,
     metric_sample,
@@ -239,10 +238,8 @@ def test_a_restarted_child_runs_with_the_settings_the_node_started_with(tmp_path
             os.kill(dead, signal.SIGKILL)
             wait_for(lambda: _restarted(served, "receive", dead), timeout=60)  # noqa: B023
             run_tool(*echo)
-            refused = subprocess.run(
-                ["echoscu", "-aec", "SECONDAE", "127.0.0.1", str(served.port)],
-                env=DCMTK_ENV,
-                capture_output=True,
+            refused = run_tool(
+                "echoscu", "-aec", "SECONDAE", "127.0.0.1", str(served.port), check=False
             )
             assert refused.returncode != 0  # the called AE title is the first file's
         assert served.signal(signal.SIGTERM) == 0
